@@ -1,0 +1,81 @@
+"""The sliding window of earlier layer states (PyTorch, stateful).
+
+``HistoryBuffer`` keeps the most recent ``max_history`` states, oldest first.
+It is an ``nn.Module`` without parameters so that moving the model that owns it
+(``.to(device)``, ``.to(dtype)``, ``.cuda()``, ``.half()``) moves the states it
+holds as well; nothing in it is saved in a ``state_dict``.
+
+The JAX twin is :class:`mhc_jax.History`, a value rather than a container.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["HistoryBuffer", "check_max_history"]
+
+
+def check_max_history(max_history) -> None:
+    """Raise ``ValueError`` unless ``max_history`` is an int >= 1."""
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+        raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
+
+
+class HistoryBuffer(nn.Module):
+    """A window of the last ``max_history`` states, oldest first.
+
+    ``append`` adds the latest state and evicts the oldest beyond
+    ``max_history``; ``get`` returns the window ``[h_1, ..., h_K]`` (``h_K`` the
+    latest) as a new list; ``clear`` empties it; ``len(buffer)`` is ``K``.
+
+    The buffer persists across forward calls. When you manage one yourself,
+    clear it between batches, or features of one batch leak into the next
+    ("temporal bleeding").
+
+    Args:
+        max_history: ``H >= 1``, the number of states kept.
+        detach_history: store states detached from the autograd graph. Saves
+            the memory of ``H`` earlier layers' graphs in very deep models, at
+            the price of no gradient flowing through the history path.
+    """
+
+    def __init__(self, max_history: int, detach_history: bool = False) -> None:
+        super().__init__()
+        check_max_history(max_history)
+        self.max_history = max_history
+        self.detach_history = bool(detach_history)
+        self._states: deque[torch.Tensor] = deque(maxlen=max_history)
+
+    def append(self, state: torch.Tensor) -> None:
+        """Add ``state`` as the latest entry, evicting the oldest beyond ``H``."""
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"HistoryBuffer.append expects a tensor, got {type(state).__name__}")
+        self._states.append(state.detach() if self.detach_history else state)
+
+    def get(self) -> list[torch.Tensor]:
+        """The window, oldest first, as a new list (changing it leaves the buffer alone)."""
+        return list(self._states)
+
+    def clear(self) -> None:
+        """Forget every state."""
+        self._states.clear()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        # nn.Module.to/cuda/half/double all funnel through _apply; mapping the
+        # stored states with the same fn keeps them beside the parameters.
+        super()._apply(fn, recurse)
+        self._states = deque((fn(s) for s in self._states), maxlen=self.max_history)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"max_history={self.max_history}, detach_history={self.detach_history}, "
+            f"len={len(self)}"
+        )
