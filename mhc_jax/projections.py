@@ -204,8 +204,11 @@ def project_doubly_stochastic(
 
 
 def _sinkhorn_sweep(_, log_p: jax.Array) -> jax.Array:
-    log_p = log_p - jax.nn.logsumexp(log_p, axis=-2, keepdims=True)
-    return log_p - jax.nn.logsumexp(log_p, axis=-1, keepdims=True)
+    # log_softmax is L - logsumexp(L) computed as (L - max) - log(sum(exp(L - max))):
+    # the exact subtraction comes first, so log-values of order 1e3-1e7 do not
+    # lose the small normaliser to rounding.
+    log_p = jax.nn.log_softmax(log_p, axis=-2)
+    return jax.nn.log_softmax(log_p, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=1)

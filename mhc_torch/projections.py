@@ -71,6 +71,56 @@ def project_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def _simplex_threshold(z: torch.Tensor) -> torch.Tensor:
+    # Sort and threshold (the same arithmetic as optax's projection_simplex):
+    # rho = #{j : 1/j + u_j - c_j / j > 0}, alpha = relu(1/rho + z - c_rho / rho).
+    u, _ = torch.sort(z, dim=-1, descending=True)
+    cumsum = u.cumsum(dim=-1)
+    j = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    rho = (1 / j + (u - cumsum / j) > 0).sum(dim=-1, keepdim=True)
+    theta_sum = cumsum.gather(-1, rho - 1)
+    rho = rho.to(z.dtype)
+    return torch.relu(1 / rho + (z - theta_sum / rho))
+
+
+def _sparsemax_jacobian_product(alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # (diag(s) - s s^T / |s|) v with s = (alpha > 0); the matrix is symmetric,
+    # so this is both the JVP and the VJP.
+    s = (alpha > 0).to(v.dtype)
+    mean_on_support = (s * v).sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True)
+    return s * (v - mean_on_support)
+
+
+class _SimplexProjection(torch.autograd.Function):
+    """Simplex projection whose derivative follows the support of its output.
+
+    Autograd through the threshold formula would follow ``rho`` instead, and
+    at an exact support edge float rounding can make ``rho`` count a slot
+    whose output is 0 (the threshold test is then not monotone in ``j``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        return _simplex_threshold(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (alpha,) = ctx.saved_tensors
+        return _sparsemax_jacobian_product(alpha, grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        (alpha,) = ctx.saved_tensors
+        return _sparsemax_jacobian_product(alpha, tangent)
+
+
 def project_simplex(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     r"""Exact Euclidean projection of ``mu / tau`` onto the probability simplex.
 
@@ -83,10 +133,9 @@ def project_simplex(logits: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     ``rho = #{j : 1/j + u_j - c_j / j > 0}`` and
     ``alpha = relu(1/rho + z - c_rho / rho)``. The result has exact zeros.
 
-    Autograd through that formula is the sparsemax Jacobian
-    ``diag(s) - s s^T / |s|`` (``s`` the support, scaled by ``1/tau``): ``rho``
-    is an integer, so only the support's cumulative sum carries gradient, and
-    ``relu`` gives none at an exact zero. A one-hot result has a zero Jacobian.
+    The Jacobian is ``diag(s) - s s^T / |s|`` with ``s = (alpha > 0)`` the
+    support of the output (scaled by ``1/tau``): slots outside the support get
+    no gradient, and a one-hot result has a zero Jacobian.
 
     The logits are shifted by their (detached) maximum first: the projection
     is shift invariant, and after the shift every value in the support lies in
@@ -102,13 +151,7 @@ def project_simplex(logits: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     check_temperature(temperature)
     z = logits / temperature
     z = z - z.detach().amax(dim=-1, keepdim=True)
-    u, _ = torch.sort(z, dim=-1, descending=True)
-    cumsum = u.cumsum(dim=-1)
-    j = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    rho = (1 / j + (u - cumsum / j) > 0).sum(dim=-1, keepdim=True)
-    theta_sum = cumsum.gather(-1, rho - 1)
-    rho = rho.to(z.dtype)
-    return torch.relu(1 / rho + (z - theta_sum / rho))
+    return _SimplexProjection.apply(z)
 
 
 def project_identity_preserving(
@@ -177,6 +220,9 @@ def project_doubly_stochastic(
         )
     log_p = logits / temperature
     for _ in range(iterations):
-        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
-        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        # log_softmax is L - logsumexp(L) computed as (L - max) - log(sum(exp(L - max))):
+        # the exact subtraction comes first, so log-values of order 1e3-1e7 do
+        # not lose the small normaliser to rounding.
+        log_p = torch.log_softmax(log_p, dim=-2)
+        log_p = torch.log_softmax(log_p, dim=-1)
     return torch.exp(log_p)

@@ -102,6 +102,17 @@ def test_one_hot_simplex_output_has_zero_gradient(backend):
     np.testing.assert_array_equal(grad, np.zeros(3))
 
 
+def test_simplex_gradient_follows_the_output_support_at_an_exact_edge(backend):
+    # Regression found by the parity tests: z = mu / tau = [1, 0, 0] sits on the
+    # support edge, where float rounding makes the threshold test count a slot
+    # whose output is 0. The output is one-hot, so the Jacobian must be 0.
+    mu = np.array([0.001, 0.0, 0.0], np.float32)
+    g = np.array([1.0, -2.0, 3.0], np.float32)
+    out, (grad,) = backend.vjp(lambda m: backend.lib.project_simplex(m, 0.001), [mu], g)
+    np.testing.assert_array_equal(out, [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(grad, np.zeros(3))
+
+
 @given(mu=logits(max_abs=100.0), shift=st.floats(-1e3, 1e3))
 def test_projections_ignore_a_common_shift(backend, mu, shift):
     for name in ("project_simplex", "project_softmax"):
