@@ -32,6 +32,36 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+def to_channels_last(a: np.ndarray) -> np.ndarray:
+    """torch layout (NCHW for 4+ dims) to Flax layout (NHWC); other arrays unchanged."""
+    return np.moveaxis(a, 1, -1) if a.ndim >= 4 else a
+
+
+def to_channels_first(a: np.ndarray) -> np.ndarray:
+    return np.moveaxis(a, -1, 1) if a.ndim >= 4 else a
+
+
+def skip_params_to_flax(params: dict[str, np.ndarray]) -> dict:
+    """MHCSkip parameters in torch ``state_dict`` naming to a Flax variable tree."""
+    tree = {}
+    for name, value in params.items():
+        if name.endswith(".weight"):  # projection_from_{n}: Linear (out, in) -> Dense kernel (in, out)
+            tree[name.removesuffix(".weight")] = {"kernel": np.ascontiguousarray(value.T)}
+        else:
+            tree[name] = value
+    return {"params": tree}
+
+
+def skip_params_from_flax(variables: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in variables.get("params", {}).items():
+        if isinstance(value, dict):
+            out[f"{name}.weight"] = np.asarray(value["kernel"]).T
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
 @functools.cache
 def _jax_jit(fn: Callable) -> Callable:
     # Cached so a test that asks for the same function per example compiles once.
@@ -70,6 +100,55 @@ class JaxBackend:
     def jit(self, fn: Callable) -> Callable:
         return _jax_jit(fn)
 
+    def fresh_skip_params(self, options: dict, x: np.ndarray, states: Sequence[np.ndarray]) -> dict:
+        """The parameters of a freshly initialised ``MHCSkip``, in torch naming."""
+        options = {("mixing_init" if k == "init" else k): v for k, v in options.items()}
+        arrays = [self.array(to_channels_last(a)) for a in (x, *states)]
+        variables = mhc_jax.MHCSkip(**options).init(jax.random.key(0), arrays[0], arrays[1:])
+        return skip_params_from_flax(variables)
+
+    def run_skip(
+        self,
+        options: dict,
+        params: dict[str, np.ndarray],
+        x: np.ndarray,
+        states: Sequence[np.ndarray],
+        cotangent: np.ndarray,
+        *,
+        training: bool = False,
+        gumbel_noise: np.ndarray | None = None,
+        ring: bool = False,
+    ) -> tuple[np.ndarray, dict]:
+        """Run an ``MHCSkip`` built from torch-style ``options`` and ``params``.
+
+        Arrays go in and come out in torch layout (channels first for 4+ dims).
+        ``ring=True`` passes the states as a ``History`` (pushed in order)
+        instead of a list. Returns the output and the gradients of
+        ``sum(out * cotangent)``: ``"x"``, ``"states"`` (a list) and one entry per
+        parameter, in torch naming.
+        """
+        options = {("mixing_init" if k == "init" else k): v for k, v in options.items()}
+        skip = mhc_jax.MHCSkip(**options)
+        variables = jax.device_put(skip_params_to_flax(params), self._device)
+        noise = None if gumbel_noise is None else self.array(gumbel_noise)
+
+        def run(variables, x, *states):
+            if ring:
+                history = mhc_jax.History.empty(states[0] if states else x, skip.max_history)
+                for state in states:
+                    history = history.push(state)
+            else:
+                history = list(states)
+            return skip.apply(variables, x, history, deterministic=not training, gumbel_noise=noise)
+
+        arrays = [self.array(to_channels_last(a)) for a in (x, *states)]
+        out, pullback = jax.vjp(run, variables, *arrays)
+        d_vars, d_x, *d_states = pullback(self.array(to_channels_last(cotangent)))
+        grads = {"x": to_channels_first(self.numpy(d_x))}
+        grads["states"] = [to_channels_first(self.numpy(g)) for g in d_states]
+        grads.update(skip_params_from_flax(d_vars))
+        return to_channels_first(self.numpy(out)), grads
+
 
 class TorchBackend:
     name = "torch"
@@ -102,6 +181,43 @@ class TorchBackend:
 
     def jit(self, fn: Callable) -> Callable:
         return fn  # eager is torch's reference; torch.compile is exercised in benchmarks
+
+    def run_skip(
+        self,
+        options: dict,
+        params: dict[str, np.ndarray],
+        x: np.ndarray,
+        states: Sequence[np.ndarray],
+        cotangent: np.ndarray,
+        *,
+        training: bool = False,
+        gumbel_noise: np.ndarray | None = None,
+        ring: bool = False,
+    ) -> tuple[np.ndarray, dict]:
+        """Run an ``MHCSkip``; see :meth:`JaxBackend.run_skip` (``ring`` has no torch meaning)."""
+        if ring:
+            raise ValueError("a torch MHCSkip takes a list or a HistoryBuffer, not a ring buffer")
+        skip = mhc_torch.MHCSkip(**options).to(self._device)
+        skip.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+        skip.train(training)
+        inputs = [self.array(a).requires_grad_(True) for a in (x, *states)]
+        noise = None if gumbel_noise is None else self.array(gumbel_noise)
+        out = skip(inputs[0], inputs[1:], gumbel_noise=noise)
+        (out * self.array(cotangent)).sum().backward()
+
+        def grad(t, like):
+            return self.numpy(t.grad) if t.grad is not None else np.zeros(like.shape, np.float32)
+
+        grads = {"x": grad(inputs[0], x), "states": [grad(t, a) for t, a in zip(inputs[1:], states)]}
+        grads.update({name: grad(p, p) for name, p in skip.named_parameters()})
+        return self.numpy(out), grads
+
+    def fresh_skip_params(self, options: dict, x: np.ndarray, states: Sequence[np.ndarray]) -> dict:
+        """The parameters of a freshly built ``MHCSkip`` (after one forward, which
+        creates any ``auto_project`` maps), in torch naming."""
+        skip = mhc_torch.MHCSkip(**options).to(self._device)
+        skip(self.array(x), [self.array(s) for s in states])
+        return {k: self.numpy(v) for k, v in skip.state_dict().items()}
 
 
 BACKENDS = {"jax": JaxBackend, "torch": TorchBackend}
