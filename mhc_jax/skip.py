@@ -57,7 +57,7 @@ GATE_INIT_LOGIT = 5.0
 
 
 def check_skip_options(
-    mode, max_history, constraint, epsilon, temperature, init, prune_threshold
+    mode, max_history, constraint, epsilon, temperature, init, prune_threshold, init_name="init"
 ) -> None:
     """Validate the skip's options at construction; ``ValueError`` names the bad one."""
     if mode not in MODES:
@@ -65,7 +65,7 @@ def check_skip_options(
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise ValueError(f"{init_name} must be one of {INITS}, got {init!r}")
     check_max_history(max_history)
     check_temperature(temperature)
     if not isinstance(temperature, Real):
@@ -236,6 +236,7 @@ class MHCSkip(nn.Module):
             self.temperature,
             self.mixing_init,
             self.prune_threshold,
+            init_name="mixing_init",
         )
         super().__post_init__()
 
@@ -361,17 +362,17 @@ class MHCSkip(nn.Module):
         for i, h in enumerate(states):
             shape = tuple(h.shape[1:] if stacked else h.shape)
             if shape != tuple(x.shape):
-                what = "History states" if stacked else f"history state {i}"
+                what = "History states have" if stacked else f"history state {i} has"
                 if not self.auto_project:
                     raise ValueError(
-                        f"{what} have shape {shape} but x has shape {tuple(x.shape)}; "
+                        f"{what} shape {shape} but x has shape {tuple(x.shape)}; "
                         "MHCSkip mixes states shaped like x (pass auto_project=True to map "
                         "the feature axis with a learned linear map)"
                     )
                 if shape[:-1] != tuple(x.shape[:-1]):
                     raise ValueError(
                         f"auto_project maps only the feature (last) axis, but {what} "
-                        f"have shape {shape} and x has shape {tuple(x.shape)}"
+                        f"shape {shape} and x has shape {tuple(x.shape)}"
                     )
                 n = shape[-1]
                 if n not in projections:

@@ -59,7 +59,7 @@ _PROJECTION_KEY = re.compile(r"projection_from_(\d+)\.weight$")
 
 
 def check_skip_options(
-    mode, max_history, constraint, epsilon, temperature, init, prune_threshold
+    mode, max_history, constraint, epsilon, temperature, init, prune_threshold, init_name="init"
 ) -> None:
     """Validate the skip's options at construction; ``ValueError`` names the bad one."""
     if mode not in MODES:
@@ -67,7 +67,7 @@ def check_skip_options(
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise ValueError(f"{init_name} must be one of {INITS}, got {init!r}")
     check_max_history(max_history)
     check_temperature(temperature)
     if not isinstance(temperature, Real):
