@@ -12,12 +12,17 @@ from .projections import (
     project_simplex,
     project_softmax,
 )
-from .skip import MHCSkip, identity_init_logits, perturb_weights, window_weights
+from . import convert
+from .sequential import MHCSequential
+from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
 
 __all__ = [
     "History",
+    "MHCSequential",
     "MHCSkip",
+    "convert",
     "identity_init_logits",
+    "mixing_weights",
     "perturb_weights",
     "project_doubly_stochastic",
     "project_identity_preserving",

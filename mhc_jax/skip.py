@@ -26,11 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .history import History, check_max_history
-from .projections import check_epsilon, check_temperature, project_identity_preserving
+from .projections import (
+    check_epsilon,
+    check_temperature,
+    project_identity_preserving,
+    project_simplex,
+    project_softmax,
+)
 
 __all__ = [
     "MHCSkip",
     "window_weights",
+    "mixing_weights",
     "perturb_weights",
     "identity_init_logits",
     "MODES",
@@ -79,6 +86,31 @@ def check_skip_options(
         raise ValueError(f"prune_threshold must be a number in [0, 1), got {prune_threshold!r}")
 
 
+def check_module_options(module: nn.Module) -> None:
+    """Validate a Flax module's skip fields (``MHCSkip`` and ``MHCSequential`` share them)."""
+    check_skip_options(
+        module.mode,
+        module.max_history,
+        module.constraint,
+        module.epsilon,
+        module.temperature,
+        module.mixing_init,
+        module.prune_threshold,
+        init_name="mixing_init",
+    )
+
+
+def weight_options(module: nn.Module) -> dict:
+    """The options :func:`mixing_weights` takes from a module's skip fields."""
+    return dict(
+        mode=module.mode,
+        constraint=module.constraint,
+        temperature=module.temperature,
+        epsilon=module.epsilon,
+        prune_threshold=module.prune_threshold,
+    )
+
+
 def identity_init_logits(max_history: int, mode: str = "mhc", temperature: float = 1.0) -> np.ndarray:
     r"""Logits for the ``"identity"`` init: the latest state dominates.
 
@@ -102,13 +134,35 @@ def identity_init_logits(max_history: int, mode: str = "mhc", temperature: float
     return logits
 
 
+def initial_logits(max_history: int, mode: str, temperature: float, init: str) -> np.ndarray:
+    """The starting ``mixing_logits``: :func:`identity_init_logits`, or zeros for ``"uniform"``."""
+    if init == "uniform":
+        return np.zeros(max_history, np.float32)
+    return identity_init_logits(max_history, mode, temperature)
+
+
+def sample_gumbel(module: nn.Module, shape: tuple[int, ...]) -> jax.Array | None:
+    """Standard Gumbel noise from ``module``'s ``"gumbel"`` rng stream.
+
+    None while initialising without that stream (no noise needed for shapes).
+    """
+    if module.is_initializing() and not module.has_rng("gumbel"):
+        return None
+    if not module.has_rng("gumbel"):
+        raise ValueError(
+            f"{type(module).__name__}(stochastic=True) in training needs Gumbel noise: pass "
+            "rngs={'gumbel': key} to apply, or deterministic=True to evaluate"
+        )
+    return jax.random.gumbel(module.make_rng("gumbel"), shape, jnp.float32)
+
+
 def _fill_invalid(z: jax.Array, valid: jax.Array) -> jax.Array:
-    # Put slots outside the window far below every valid one: softmax then
+    # Put slots outside the window at least 1e4 below every slot: softmax then
     # gives them exactly 0 and they fall outside the simplex support, with no
     # inf/NaN anywhere (so jax_debug_nans stays quiet), even for an empty window.
-    z_max = jnp.max(jnp.where(valid, z, -jnp.inf), axis=-1, keepdims=True)
-    z_max = jax.lax.stop_gradient(jnp.where(jnp.any(valid, axis=-1, keepdims=True), z_max, 0))
-    return jnp.where(valid, z, z_max - (1e4 + 2 * jnp.abs(z_max)))
+    fixed = jax.lax.stop_gradient(z)
+    gap = 1e4 + 2 * jnp.max(jnp.abs(fixed), axis=-1, keepdims=True)
+    return jnp.where(valid, z, fixed - gap)
 
 
 def window_weights(
@@ -142,14 +196,16 @@ def window_weights(
     """
     h = logits.shape[-1]
     num_states = jnp.asarray(num_states, jnp.int32)[..., None]
-    valid = jnp.arange(h, dtype=jnp.int32) >= h - num_states
+    slots = jnp.arange(h, dtype=jnp.int32).reshape((1,) * (num_states.ndim - 1) + (h,))
+    valid = jnp.broadcast_to(slots >= h - num_states, logits.shape)
     if mode == "residual":
-        latest = jnp.arange(h, dtype=jnp.int32) == h - 1
-        return (latest & valid).astype(logits.dtype)
+        return (valid & (slots == h - 1)).astype(logits.dtype)
     z = _fill_invalid(logits / temperature, valid)
     base = "softmax" if mode == "hc" else "simplex"
-    eps = epsilon if constraint == "identity" else 0.0
-    alpha = project_identity_preserving(z, eps, 1.0, base)
+    if constraint == "identity":
+        alpha = project_identity_preserving(z, epsilon, 1.0, base)
+    else:
+        alpha = project_softmax(z) if base == "softmax" else project_simplex(z)
     return jnp.where(valid, alpha, jnp.zeros_like(alpha))
 
 
@@ -173,7 +229,40 @@ def perturb_weights(alpha: jax.Array, gumbel_noise: jax.Array, temperature: floa
     return jnp.where(positive, jax.nn.softmax(z, axis=-1), jnp.zeros_like(alpha))
 
 
-def _weighted_sum(weights: jax.Array, states) -> jax.Array:
+def mixing_weights(
+    logits: jax.Array,
+    num_states,
+    *,
+    mode: str = "mhc",
+    constraint: str = "simplex",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    prune_threshold: float = 0.0,
+    gumbel_noise: jax.Array | None = None,
+    gate_logit: jax.Array | None = None,
+) -> jax.Array:
+    r"""Everything between the logits and the mix: ``g * perturb(prune(w(mu)))``.
+
+    :func:`window_weights`, then weights below ``prune_threshold`` set to 0,
+    then (when ``gumbel_noise`` is given) :func:`perturb_weights`, then the gate
+    ``sigmoid(gate_logit)`` (when given). Batched over leading axes, so a stack
+    can compute every layer's weights in one call.
+    """
+    alpha = window_weights(
+        logits, num_states, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon
+    )
+    if mode == "residual":
+        return alpha
+    if prune_threshold > 0:
+        alpha = jnp.where(alpha < prune_threshold, jnp.zeros_like(alpha), alpha)
+    if gumbel_noise is not None:
+        alpha = perturb_weights(alpha, gumbel_noise, temperature)
+    if gate_logit is not None:
+        alpha = jax.nn.sigmoid(gate_logit)[..., None] * alpha
+    return alpha
+
+
+def weighted_sum(weights: jax.Array, states) -> jax.Array:
     # An unrolled elementwise multiply-add over the (few) states: on XLA:CPU
     # this ran within ~1.15x of a plain residual add, whereas einsum/tensordot
     # over a stacked history ran 10-30x slower.
@@ -228,17 +317,23 @@ class MHCSkip(nn.Module):
     deterministic: bool | None = None
 
     def __post_init__(self):
-        check_skip_options(
-            self.mode,
-            self.max_history,
-            self.constraint,
-            self.epsilon,
-            self.temperature,
-            self.mixing_init,
-            self.prune_threshold,
-            init_name="mixing_init",
-        )
+        check_module_options(self)
         super().__post_init__()
+
+    def setup(self):
+        # The logits live in setup so a parent (MHCSequential) can read every
+        # skip's logits and project them all in one call; the auto_project maps
+        # stay in the compact __call__, since their names depend on the input.
+        if self.mode == "residual":
+            return
+        self.mixing_logits = self.param(
+            "mixing_logits",
+            lambda _: jnp.asarray(
+                initial_logits(self.max_history, self.mode, self.temperature, self.mixing_init)
+            ),
+        )
+        if self.use_gating:
+            self.gate_logit = self.param("gate_logit", nn.initializers.constant(GATE_INIT_LOGIT), (), jnp.float32)
 
     def mixing_weights(
         self,
@@ -254,35 +349,13 @@ class MHCSkip(nn.Module):
         """
         if self.mode == "residual":
             return window_weights(jnp.zeros(self.max_history, jnp.float32), num_states, mode="residual")
-        logits = self.param(
-            "mixing_logits",
-            lambda _, h: jnp.asarray(self._init_logits(h)),
-            self.max_history,
-        )
-        alpha = window_weights(
-            logits,
+        return mixing_weights(
+            self.mixing_logits,
             num_states,
-            mode=self.mode,
-            constraint=self.constraint,
-            temperature=self.temperature,
-            epsilon=self.epsilon,
+            gumbel_noise=self._gumbel_noise(deterministic, gumbel_noise),
+            gate_logit=self.gate_logit if self.use_gating else None,
+            **weight_options(self),
         )
-        if self.prune_threshold > 0:
-            alpha = jnp.where(alpha < self.prune_threshold, jnp.zeros_like(alpha), alpha)
-        noise = self._gumbel_noise(deterministic, gumbel_noise)
-        if noise is not None:
-            alpha = perturb_weights(alpha, noise, self.temperature)
-        if self.use_gating:
-            gate_logit = self.param(
-                "gate_logit", nn.initializers.constant(GATE_INIT_LOGIT), (), jnp.float32
-            )
-            alpha = jax.nn.sigmoid(gate_logit) * alpha
-        return alpha
-
-    def _init_logits(self, max_history: int) -> np.ndarray:
-        if self.mixing_init == "uniform":
-            return np.zeros(max_history, np.float32)
-        return identity_init_logits(max_history, self.mode, self.temperature)
 
     def _gumbel_noise(self, deterministic, gumbel_noise):
         if not self.stochastic:
@@ -297,14 +370,7 @@ class MHCSkip(nn.Module):
                     f"mixing logit), got {tuple(gumbel_noise.shape)}"
                 )
             return gumbel_noise
-        if self.is_initializing() and not self.has_rng("gumbel"):
-            return None
-        if not self.has_rng("gumbel"):
-            raise ValueError(
-                "MHCSkip(stochastic=True) in training needs Gumbel noise: pass "
-                "rngs={'gumbel': key} to apply, or deterministic=True to evaluate"
-            )
-        return jax.random.gumbel(self.make_rng("gumbel"), (self.max_history,), jnp.float32)
+        return sample_gumbel(self, (self.max_history,))
 
     @nn.compact
     def __call__(
@@ -314,6 +380,7 @@ class MHCSkip(nn.Module):
         *,
         deterministic: bool | None = None,
         gumbel_noise: jax.Array | None = None,
+        weights: jax.Array | None = None,
     ) -> jax.Array:
         """Mix the window into ``x``.
 
@@ -323,6 +390,8 @@ class MHCSkip(nn.Module):
           deterministic: True evaluates (no Gumbel noise); overrides the field.
           gumbel_noise: optional ``(H,)`` noise aligned with ``mixing_logits``,
             used instead of the ``"gumbel"`` rng (for reproducible tests).
+          weights: optional precomputed ``(H,)`` output of :meth:`mixing_weights`
+            for this window (``MHCSequential`` projects every layer at once).
         Returns:
           ``x + g * sum_k alpha_k h_k``, the shape and dtype of ``x``.
         """
@@ -341,17 +410,13 @@ class MHCSkip(nn.Module):
                 return x + History(states, history.count).latest()
             return x + states[-1] if states else x
         if not ring and num_states == 0:
-            # Nothing to mix; still create the parameters so the tree does not
-            # depend on whether the first call had history.
-            self.mixing_weights(0, deterministic=True)
             return x
-
-        weights = self.mixing_weights(
-            num_states, deterministic=deterministic, gumbel_noise=gumbel_noise
-        ).astype(x.dtype)
+        if weights is None:
+            weights = self.mixing_weights(num_states, deterministic=deterministic, gumbel_noise=gumbel_noise)
+        weights = weights.astype(x.dtype)
         if ring:
-            return x + _weighted_sum(history.slot_weights(weights), states)
-        return x + _weighted_sum(weights[self.max_history - num_states :], states)
+            return x + weighted_sum(history.slot_weights(weights), states)
+        return x + weighted_sum(weights[self.max_history - num_states :], states)
 
     def _match_shape(self, x: jax.Array, states: list[jax.Array], *, stacked: bool) -> list[jax.Array]:
         """Check each state's shape against ``x``; auto-project the feature axis if allowed.

@@ -13,12 +13,15 @@ from .projections import (
     project_simplex,
     project_softmax,
 )
-from .skip import MHCSkip, identity_init_logits, perturb_weights, window_weights
+from .sequential import MHCSequential
+from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
 
 __all__ = [
     "HistoryBuffer",
+    "MHCSequential",
     "MHCSkip",
     "identity_init_logits",
+    "mixing_weights",
     "perturb_weights",
     "project_doubly_stochastic",
     "project_identity_preserving",

@@ -85,7 +85,7 @@ def _simplex_threshold(z: torch.Tensor) -> torch.Tensor:
 
 def _sparsemax_jacobian_product(alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # (diag(s) - s s^T / |s|) v with s = (alpha > 0); the matrix is symmetric,
-    # so this is both the JVP and the VJP.
+    # so this is the VJP as well as the JVP.
     s = (alpha > 0).to(v.dtype)
     mean_on_support = (s * v).sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True)
     return s * (v - mean_on_support)
@@ -108,17 +108,14 @@ class _SimplexProjection(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (alpha,) = ctx.saved_tensors
         return _sparsemax_jacobian_product(alpha, grad)
 
-    @staticmethod
-    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
-        (alpha,) = ctx.saved_tensors
-        return _sparsemax_jacobian_product(alpha, tangent)
+    # No jvp: torch.compile (Dynamo) cannot trace a Function that defines one,
+    # and a compiled model matters more than forward-mode AD through this map.
 
 
 def project_simplex(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

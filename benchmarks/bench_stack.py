@@ -1,0 +1,305 @@
+"""Speed and memory of MHCSequential against a plain residual stack, side by side.
+
+    python benchmarks/bench_stack.py            # everything (a few minutes on 2 CPU cores)
+    python benchmarks/bench_stack.py --quick    # fewer pairs, no torch.compile
+
+Every ratio is measured in one run, alternating single training steps
+(baseline, candidate, baseline, ...) and taking the median of the per-step
+ratios, so a slow spell of a shared machine hits both sides alike. A step is
+forward + backward of ``mean(out^2)`` with respect to every parameter.
+
+Setup: depth 50, width 256, batch 128, H = 4, each layer ``f = GELU(Linear)``;
+the residual baseline ``x + f(x)`` uses the very same layer objects (torch) or
+the same layer definitions (JAX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+import mhc_jax
+import mhc_torch
+
+DEPTH, WIDTH, BATCH, H = 50, 256, 128, 4
+TARGETS = {"torch eager": 1.25, "jax unrolled (jit)": 1.15, "jax scanned (jit)": 1.5}
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def _once(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def paired_ratio(baseline: Callable[[], None], candidate: Callable[[], None], pairs: int) -> dict:
+    """Median over ``pairs`` of candidate / mean(baseline before, baseline after)."""
+    for _ in range(3):
+        baseline(), candidate()
+    ratios, base_times, cand_times = [], [], []
+    for _ in range(pairs):
+        b1, c, b2 = _once(baseline), _once(candidate), _once(baseline)
+        ratios.append(c / ((b1 + b2) / 2))
+        base_times.append((b1 + b2) / 2)
+        cand_times.append(c)
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return dict(
+        ratio=statistics.median(ratios),
+        iqr=(q1, q3),
+        base_ms=1e3 * statistics.median(base_times),
+        cand_ms=1e3 * statistics.median(cand_times),
+    )
+
+
+# --- torch ------------------------------------------------------------------------------
+
+
+def torch_block() -> nn.Module:
+    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.GELU())
+
+
+class TorchResidual(nn.Module):
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        for f in self.layers:
+            x = x + f(x)
+        return x
+
+
+def torch_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    return step
+
+
+def torch_models(**options):
+    torch.manual_seed(0)
+    mhc = mhc_torch.MHCSequential([torch_block() for _ in range(DEPTH)], max_history=H, **options)
+    return mhc, TorchResidual(mhc.wrapped_modules)
+
+
+def seed_models():
+    """The seed library (``pip install mhc``), when installed."""
+    try:
+        import mhc as seed
+    except Exception:  # not installed, or its matplotlib import failed
+        return None
+    torch.manual_seed(0)
+    model = seed.MHCSequential([torch_block() for _ in range(DEPTH)], max_history=H)
+    return model, TorchResidual(model.wrapped_modules)
+
+
+# --- JAX --------------------------------------------------------------------------------
+
+
+class JaxBlock(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+        return fnn.gelu(fnn.Dense(WIDTH)(x), approximate=False)
+
+
+class JaxResidual(fnn.Module):
+    depth: int
+
+    @fnn.compact
+    def __call__(self, x):
+        for _ in range(self.depth):
+            x = x + JaxBlock()(x)
+        return x
+
+
+class _ResidualStep(fnn.Module):
+    @fnn.compact
+    def __call__(self, x, _):
+        return x + JaxBlock()(x), None
+
+
+class JaxScannedResidual(fnn.Module):
+    depth: int
+
+    @fnn.compact
+    def __call__(self, x):
+        scanned = fnn.scan(_ResidualStep, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+        return scanned()(x, None)[0]
+
+
+def jax_step(model: fnn.Module, x: jax.Array) -> tuple[Callable[[], None], Callable]:
+    params = model.init(jax.random.key(0), x)
+    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
+
+    def step():
+        jax.block_until_ready(grad(params, x))
+
+    return step, grad, params
+
+
+def compile_seconds(model: fnn.Module, x: jax.Array) -> float:
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
+    start = time.perf_counter()
+    grad.lower(params, x).compile()
+    return time.perf_counter() - start
+
+
+def jax_temp_bytes(model: fnn.Module, x: jax.Array) -> int | None:
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
+    analysis = grad.lower(params, x).compile().memory_analysis()
+    return None if analysis is None else analysis.temp_size_in_bytes
+
+
+# --- torch memory -------------------------------------------------------------------------
+
+
+def torch_peak_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(peak bytes allocated during a training step, bytes of activations saved for backward).
+
+    The peak is above what was allocated before the step (parameters, input):
+    on CUDA the allocator's own statistic, on CPU the profiler's memory
+    timeline (allocations and frees in order). Saved bytes count each storage
+    the autograd graph holds once, parameters excluded.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def step():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+
+    model.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, sum(saved.values())
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_memory_timeline(f.name, device="cpu")
+        _, sizes = json.load(open(f.name))
+    totals = [sum(s) for s in sizes]
+    return max(totals) - totals[0], sum(saved.values())
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def row(name: str, m: dict) -> str:
+    target = TARGETS.get(name)
+    verdict = "" if target is None else ("meets" if m["ratio"] <= target else "MISSES") + f" <= {target:.2f}x"
+    return (
+        f"| {name:<28} | {m['base_ms']:8.2f} | {m['cand_ms']:8.2f} | {m['ratio']:5.3f}x "
+        f"({m['iqr'][0]:.2f}-{m['iqr'][1]:.2f}) | {verdict:<14} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer pairs, no torch.compile")
+    parser.add_argument("--pairs", type=int, default=None, help="step pairs per ratio (default 60, quick 15)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    args = parser.parse_args()
+    pairs = args.pairs or (15 if args.quick else 60)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    print(f"# mhc benchmark: depth {DEPTH}, width {WIDTH}, batch {BATCH}, H = {H}, f = GELU(Linear)")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__} ({device}), jax {jax.__version__} ({jax.default_backend()}), "
+        f"{pairs} step pairs per ratio\n"
+    )
+    print("## training step (forward + backward), MHCSequential over a plain residual stack\n")
+    print("| stack | residual ms | mhc ms | ratio (IQR) | target |")
+    print("| --- | ---: | ---: | --- | --- |")
+
+    x = torch.randn(BATCH, WIDTH, device=device)
+    mhc, residual = (m.to(device) for m in torch_models())
+    print(row("torch eager", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
+    if not (args.quick or args.no_compile):
+        compiled_mhc, compiled_res = torch.compile(mhc), torch.compile(residual)
+        print(row("torch.compile", paired_ratio(torch_step(compiled_res, x), torch_step(compiled_mhc, x), pairs)), flush=True)
+    seed = seed_models()
+    if seed is None:
+        print("| seed library `mhc`            | not installed (pip install mhc matplotlib) |")
+    else:
+        s_mhc, s_res = (m.to(device) for m in seed)
+        print(row("seed library mhc 0.5 (eager)", paired_ratio(torch_step(s_res, x), torch_step(s_mhc, x), pairs)), flush=True)
+
+    xj = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, WIDTH)).astype(np.float32))
+    unrolled = mhc_jax.MHCSequential([JaxBlock() for _ in range(DEPTH)], max_history=H)
+    scanned = mhc_jax.MHCSequential.scanned(JaxBlock(), DEPTH, max_history=H)
+    for name, model, base in (
+        ("jax unrolled (jit)", unrolled, JaxResidual(DEPTH)),
+        ("jax scanned (jit)", scanned, JaxScannedResidual(DEPTH)),
+    ):
+        print(row(name, paired_ratio(jax_step(base, xj)[0], jax_step(model, xj)[0], pairs)), flush=True)
+
+    print("\n## compile time of the jitted training step (seconds)\n")
+    print("| depth | scanned mhc | unrolled mhc |")
+    print("| ---: | ---: | ---: |")
+    times = {}
+    for depth in (8, 64, 256):
+        scan_s = compile_seconds(mhc_jax.MHCSequential.scanned(JaxBlock(), depth, max_history=H), xj)
+        unrolled_s = (
+            compile_seconds(mhc_jax.MHCSequential([JaxBlock() for _ in range(depth)], max_history=H), xj)
+            if depth <= 64 and not args.quick
+            else float("nan")
+        )
+        times[depth] = scan_s
+        print(f"| {depth} | {scan_s:.2f} | {unrolled_s:.2f} |", flush=True)
+    flat = times[256] / times[8]
+    print(f"\nscanned depth 256 / depth 8: {flat:.2f}x ({'meets' if flat <= 2 else 'MISSES'} <= 2x)")
+
+    print("\n## memory of one training step, detach_history off / on\n")
+    print("| stack | detach_history=False | detach_history=True |")
+    print("| --- | --- | --- |")
+    cells = []
+    for detach in (False, True):
+        model, _ = (m.to(device) for m in torch_models(detach_history=detach))
+        peak, saved = torch_peak_bytes(model, x)
+        cells.append(f"peak {peak / 2**20:.2f} MiB, saved activations {saved / 2**20:.2f} MiB")
+    print(f"| torch eager | {cells[0]} | {cells[1]} |")
+    cells = []
+    for detach in (False, True):
+        temp = jax_temp_bytes(mhc_jax.MHCSequential([JaxBlock() for _ in range(DEPTH)], max_history=H, detach_history=detach), xj)
+        cells.append("n/a" if temp is None else f"XLA temp buffers {temp / 2**20:.2f} MiB")
+    print(f"| jax unrolled (jit) | {cells[0]} | {cells[1]} |")
+    _, residual = torch_models()
+    peak, saved = torch_peak_bytes(residual.to(device), x)
+    print(f"| torch residual baseline | peak {peak / 2**20:.2f} MiB, saved activations {saved / 2**20:.2f} MiB | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Weights between a torch ``state_dict`` and Flax parameters, both ways.
+
+Names. A torch key ``a.b.0.weight`` is matched against the Flax parameter tree
+(the *template*, e.g. ``model.init(...)`` or ``jax.eval_shape`` of it):
+
+* ``name.i`` (a ``ModuleList`` entry) is the Flax submodule ``name_i``;
+* a bare index ``i`` (an ``nn.Sequential`` child) is Flax's ``layers_i``
+  (``flax.linen.Sequential`` names its children so);
+* ``wrapped_modules.i`` / ``skip_layers.i`` (``MHCSequential``) are
+  ``layers_i`` / ``skip_layers_i``;
+* other names are the same in both (name your Flax submodules after the torch
+  attributes).
+
+Values, chosen by the Flax leaf's name:
+
+* ``kernel`` <- ``weight``: Linear ``(out, in)`` is transposed to ``(in, out)``;
+  Conv ``(out, in, *spatial)`` (OIHW) becomes ``(*spatial, in, out)`` (HWIO);
+* ``scale`` (LayerNorm), ``embedding`` (Embed) <- ``weight``, unchanged;
+* ``bias``, ``mixing_logits``, ``gate_logit`` unchanged.
+
+Activations move between NCHW (torch) and NHWC (Flax); this module only moves
+weights. Everything here is numpy: torch tensors are read with
+``.detach().cpu().numpy()`` and torch itself is not imported. The entry points
+that also check the torch module's layer types are in ``mhc_torch.convert``.
+
+A scanned stack (``MHCSequential(scan=True)``) stores its layers stacked along
+a leading depth axis: :func:`stack_layer_params` and
+:func:`unstack_layer_params` move between that layout and the unrolled one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ConversionError",
+    "torch_to_flax",
+    "flax_to_torch",
+    "stack_layer_params",
+    "unstack_layer_params",
+]
+
+#: torch attribute names that the JAX twin spells differently.
+_ALIASES = {"wrapped_modules": "layers"}
+_PROJECTION = re.compile(r"projection_from_(\d+)")
+
+
+class ConversionError(KeyError):
+    """A parameter that has no counterpart, or whose shape does not fit. The
+    message names the key."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _variables_root(params: Mapping) -> tuple[Mapping, bool]:
+    """Accept ``{"params": tree}`` (what ``init`` returns) or the tree itself."""
+    if set(params) == {"params"}:
+        return params["params"], True
+    return params, False
+
+
+def _flax_path(key: str, tree: Mapping) -> tuple[str, ...]:
+    """The Flax path of torch key ``key``, resolved against ``tree``."""
+    *modules, leaf = key.split(".")
+    node, path, i = tree, [], 0
+    while i < len(modules):
+        seg = _ALIASES.get(modules[i], modules[i])
+        nxt = modules[i + 1] if i + 1 < len(modules) else None
+        if nxt is not None and nxt.isdigit() and f"{seg}_{nxt}" in node:
+            name, i = f"{seg}_{nxt}", i + 2  # ModuleList entry
+        elif seg.isdigit() and f"layers_{seg}" in node:
+            name, i = f"layers_{seg}", i + 1  # nn.Sequential child
+        elif seg in node and isinstance(node[seg], Mapping):
+            name, i = seg, i + 1
+        else:
+            raise ConversionError(
+                f"torch parameter {key!r} has no Flax counterpart: no submodule for "
+                f"{'.'.join(modules[: i + 1])!r} under {'/'.join(path) or 'the root'} "
+                f"(there: {sorted(node)})"
+            )
+        node, path = node[name], [*path, name]
+    for candidate in ("kernel", "scale", "embedding", "weight") if leaf == "weight" else (leaf,):
+        if candidate in node and not isinstance(node[candidate], Mapping):
+            return (*path, candidate)
+    raise ConversionError(
+        f"torch parameter {key!r} has no Flax counterpart: {'/'.join(path)} holds {sorted(node)}"
+    )
+
+
+def _to_flax_value(key: str, value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T  # Linear (out, in) -> Dense (in, out)
+    if leaf == "kernel" and value.ndim >= 3:
+        return np.transpose(value, (*range(2, value.ndim), 1, 0))  # OI(spatial) -> (spatial)IO
+    return value
+
+
+def _to_torch_value(value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    if leaf == "kernel" and value.ndim >= 3:
+        n = value.ndim
+        return np.transpose(value, (n - 1, n - 2, *range(n - 2)))  # (spatial)IO -> OI(spatial)
+    return value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, (*prefix, name))
+        else:
+            yield (*prefix, name), value
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping) -> dict:
+    """Flax parameters holding the weights of a torch ``state_dict``.
+
+    Args:
+      state_dict: torch names to tensors (or arrays).
+      template: the Flax parameters of the same model (their structure and
+        shapes are used, not their values), with or without the outer
+        ``{"params": ...}``.
+    Returns:
+      A parameter tree shaped like ``template`` (numpy arrays).
+    Raises:
+      ConversionError: naming the first key that has no counterpart, whose
+        shape does not fit, or a Flax parameter the ``state_dict`` lacks.
+    """
+    tree, wrapped = _variables_root(template)
+    out: dict = {}
+    for key, value in state_dict.items():
+        path = _flax_path(key, tree)
+        converted = _to_flax_value(key, _numpy(value), path[-1])
+        expected = tuple(np.shape(_get(tree, path)))
+        if converted.shape != expected:
+            raise ConversionError(
+                f"torch parameter {key!r} of shape {tuple(_numpy(value).shape)} does not fit "
+                f"Flax {'/'.join(path)} of shape {expected}"
+            )
+        _set(out, path, converted)
+    missing = [path for path, _ in _leaves(tree) if not _has(out, path)]
+    if missing:
+        raise ConversionError(
+            f"Flax parameter {'/'.join(missing[0])} has no value in the torch state_dict "
+            f"({len(missing)} missing)"
+        )
+    return {"params": out} if wrapped else out
+
+
+def _has(tree: Mapping, path: tuple[str, ...]) -> bool:
+    try:
+        _get(tree, path)
+    except KeyError:
+        return False
+    return True
+
+
+def flax_to_torch(params: Mapping, state_dict_template: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A torch ``state_dict`` (numpy values) holding Flax parameters.
+
+    Args:
+      params: Flax parameters, with or without the outer ``{"params": ...}``.
+      state_dict_template: the torch model's ``state_dict()`` (names and
+        shapes are used). An ``MHCSkip``'s ``auto_project`` maps are created
+        lazily in torch, so they may be absent from it: they are added by name.
+    Raises:
+      ConversionError: naming the first parameter without a counterpart or
+        whose shape does not fit.
+    """
+    tree, _ = _variables_root(params)
+    out: dict[str, np.ndarray] = {}
+    covered: set[tuple[str, ...]] = set()
+    skip_prefixes: dict[tuple[str, ...], str] = {}
+    for key, reference in state_dict_template.items():
+        path = _flax_path(key, tree)
+        value = _to_torch_value(_numpy(_get(tree, path)), path[-1])
+        expected = tuple(np.shape(_numpy(reference)))
+        if value.shape != expected:
+            raise ConversionError(
+                f"Flax {'/'.join(path)} of shape {tuple(np.shape(_get(tree, path)))} does not fit "
+                f"torch parameter {key!r} of shape {expected}"
+            )
+        out[key] = value
+        covered.add(path)
+        if path[-1] == "mixing_logits":
+            skip_prefixes[path[:-1]] = key[: -len("mixing_logits")]
+    for path, value in _leaves(tree):
+        if path in covered:
+            continue
+        if len(path) >= 2 and _PROJECTION.fullmatch(path[-2]) and path[-1] == "kernel" and path[:-2] in skip_prefixes:
+            out[f"{skip_prefixes[path[:-2]]}{path[-2]}.weight"] = _to_torch_value(_numpy(value), "kernel")
+            continue
+        raise ConversionError(f"Flax parameter {'/'.join(path)} has no counterpart in the torch state_dict")
+    return out
+
+
+def _stack(trees: list) -> Any:
+    if isinstance(trees[0], Mapping):
+        return {name: _stack([t[name] for t in trees]) for name in trees[0]}
+    return np.stack([_numpy(t) for t in trees])
+
+
+def _index(tree: Any, i: int) -> Any:
+    if isinstance(tree, Mapping):
+        return {name: _index(value, i) for name, value in tree.items()}
+    return _numpy(tree)[i]
+
+
+def _chunking(depth: int, max_history: int) -> tuple[int, int, int]:
+    """(chunk size C, scanned chunks, tail layers) of a scanned stack."""
+    size = min(max_history, depth)
+    return (size, *divmod(depth, size))
+
+
+def stack_layer_params(params: Mapping, max_history: int) -> dict:
+    """Unrolled ``MHCSequential`` parameters to the scanned layout.
+
+    With ``C = min(H, L)``: layer ``c*C + j`` goes to ``blocks/layers_{j}`` at
+    index ``c`` of a leading chunk axis, the last ``L mod C`` layers to
+    ``tail/layers_{j}``, and ``skip_layers_{i}/...`` to ``skip_layers/...``
+    stacked along a leading depth axis. Other entries are kept.
+    """
+    tree, wrapped = _variables_root(params)
+    depth = sum(1 for name in tree if re.fullmatch(r"skip_layers_\d+", name))
+    if depth == 0:
+        raise ConversionError("no skip_layers_{i} entries: not unrolled MHCSequential parameters")
+    out = {k: v for k, v in tree.items() if not re.fullmatch(r"(skip_)?layers_\d+", k)}
+    out["skip_layers"] = _stack([tree[f"skip_layers_{i}"] for i in range(depth)])
+    if "layers_0" in tree:  # layers without parameters have no entry
+        size, chunks, tail = _chunking(depth, max_history)
+        out["blocks"] = {
+            f"layers_{j}": _stack([tree[f"layers_{c * size + j}"] for c in range(chunks)]) for j in range(size)
+        }
+        if tail:
+            out["tail"] = {f"layers_{j}": tree[f"layers_{chunks * size + j}"] for j in range(tail)}
+    return {"params": out} if wrapped else out
+
+
+def unstack_layer_params(params: Mapping, max_history: int) -> dict:
+    """Scanned ``MHCSequential`` parameters to the unrolled layout (inverse of
+    :func:`stack_layer_params`)."""
+    tree, wrapped = _variables_root(params)
+    if "skip_layers" not in tree:
+        raise ConversionError("no 'skip_layers' entry: not scanned MHCSequential parameters")
+    leaves = [v for _, v in _leaves(tree["skip_layers"])]
+    if not leaves:
+        raise ConversionError("'skip_layers' holds no parameters (mode='residual'): its depth is unknown")
+    depth = _numpy(leaves[0]).shape[0]
+    size, chunks, tail = _chunking(depth, max_history)
+    out = {k: v for k, v in tree.items() if k not in ("skip_layers", "blocks", "tail")}
+    for i in range(depth):
+        out[f"skip_layers_{i}"] = _index(tree["skip_layers"], i)
+        if "blocks" not in tree:
+            continue
+        c, j = divmod(i, size)
+        if c < chunks:
+            out[f"layers_{i}"] = _index(tree["blocks"][f"layers_{j}"], c)
+        else:
+            out[f"layers_{i}"] = tree["tail"][f"layers_{i - chunks * size}"]
+    return {"params": out} if wrapped else out
