@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/train_flax.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

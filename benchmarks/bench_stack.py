@@ -19,6 +19,7 @@ import argparse
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import flax.linen as fnn
@@ -205,7 +206,8 @@ def torch_peak_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the CUDA snapshot API has no CPU twin
         prof.export_memory_timeline(f.name, device="cpu")
         _, sizes = json.load(open(f.name))
     totals = [sum(s) for s in sizes]
@@ -296,6 +298,8 @@ def main() -> None:
         temp = jax_temp_bytes(mhc_jax.MHCSequential([JaxBlock() for _ in range(DEPTH)], max_history=H, detach_history=detach), xj)
         cells.append("n/a" if temp is None else f"XLA temp buffers {temp / 2**20:.2f} MiB")
     print(f"| jax unrolled (jit) | {cells[0]} | {cells[1]} |")
+    temp = jax_temp_bytes(JaxResidual(DEPTH), xj)
+    print(f"| jax residual baseline | XLA temp buffers {temp / 2**20:.2f} MiB | |")
     _, residual = torch_models()
     peak, saved = torch_peak_bytes(residual.to(device), x)
     print(f"| torch residual baseline | peak {peak / 2**20:.2f} MiB, saved activations {saved / 2**20:.2f} MiB | |")

@@ -19,7 +19,10 @@ Values, chosen by the Flax leaf's name:
 * ``bias``, ``mixing_logits``, ``gate_logit`` unchanged.
 
 Activations move between NCHW (torch) and NHWC (Flax); this module only moves
-weights. Everything here is numpy: torch tensors are read with
+weights. To compute what torch computes, build the Flax layers to match:
+``LayerNorm(epsilon=1e-5, use_fast_variance=False)`` (torch's epsilon and
+two-pass variance), ``gelu(approximate=False)`` for ``nn.GELU()``, and
+``Conv(padding=p)`` for ``Conv2d(padding=p)``. Everything here is numpy: torch tensors are read with
 ``.detach().cpu().numpy()`` and torch itself is not imported. The entry points
 that also check the torch module's layer types are in ``mhc_torch.convert``.
 
@@ -235,6 +238,11 @@ def _chunking(depth: int, max_history: int) -> tuple[int, int, int]:
     return (size, *divmod(depth, size))
 
 
+def _indexed(tree: Mapping, prefix: str) -> int:
+    """How many ``{prefix}_{i}`` entries (i = 0, 1, ...) the tree holds."""
+    return sum(1 for name in tree if re.fullmatch(rf"{prefix}_\d+", name))
+
+
 def stack_layer_params(params: Mapping, max_history: int) -> dict:
     """Unrolled ``MHCSequential`` parameters to the scanned layout.
 
@@ -244,12 +252,14 @@ def stack_layer_params(params: Mapping, max_history: int) -> dict:
     stacked along a leading depth axis. Other entries are kept.
     """
     tree, wrapped = _variables_root(params)
-    depth = sum(1 for name in tree if re.fullmatch(r"skip_layers_\d+", name))
+    layers, skips = _indexed(tree, "layers"), _indexed(tree, "skip_layers")
+    depth = max(layers, skips)
     if depth == 0:
-        raise ConversionError("no skip_layers_{i} entries: not unrolled MHCSequential parameters")
+        raise ConversionError("no layers_{i} or skip_layers_{i} entries: not unrolled MHCSequential parameters")
     out = {k: v for k, v in tree.items() if not re.fullmatch(r"(skip_)?layers_\d+", k)}
-    out["skip_layers"] = _stack([tree[f"skip_layers_{i}"] for i in range(depth)])
-    if "layers_0" in tree:  # layers without parameters have no entry
+    if skips:
+        out["skip_layers"] = _stack([tree[f"skip_layers_{i}"] for i in range(depth)])
+    if layers:
         size, chunks, tail = _chunking(depth, max_history)
         out["blocks"] = {
             f"layers_{j}": _stack([tree[f"layers_{c * size + j}"] for c in range(chunks)]) for j in range(size)
@@ -263,21 +273,21 @@ def unstack_layer_params(params: Mapping, max_history: int) -> dict:
     """Scanned ``MHCSequential`` parameters to the unrolled layout (inverse of
     :func:`stack_layer_params`)."""
     tree, wrapped = _variables_root(params)
-    if "skip_layers" not in tree:
-        raise ConversionError("no 'skip_layers' entry: not scanned MHCSequential parameters")
-    leaves = [v for _, v in _leaves(tree["skip_layers"])]
-    if not leaves:
-        raise ConversionError("'skip_layers' holds no parameters (mode='residual'): its depth is unknown")
-    depth = _numpy(leaves[0]).shape[0]
-    size, chunks, tail = _chunking(depth, max_history)
+    blocks, tail = tree.get("blocks", {}), tree.get("tail", {})
+    skip_leaves = [v for _, v in _leaves(tree.get("skip_layers", {}))]
+    if blocks:
+        chunks = _numpy(next(v for _, v in _leaves(blocks))).shape[0]
+        size = _indexed(blocks, "layers")
+        depth = chunks * size + _indexed(tail, "layers")
+    elif skip_leaves:
+        depth, size, chunks = _numpy(skip_leaves[0]).shape[0], 1, 0
+    else:
+        raise ConversionError("no 'blocks' or 'skip_layers' entries: not scanned MHCSequential parameters")
     out = {k: v for k, v in tree.items() if k not in ("skip_layers", "blocks", "tail")}
     for i in range(depth):
-        out[f"skip_layers_{i}"] = _index(tree["skip_layers"], i)
-        if "blocks" not in tree:
-            continue
-        c, j = divmod(i, size)
-        if c < chunks:
-            out[f"layers_{i}"] = _index(tree["blocks"][f"layers_{j}"], c)
-        else:
-            out[f"layers_{i}"] = tree["tail"][f"layers_{i - chunks * size}"]
+        if skip_leaves:
+            out[f"skip_layers_{i}"] = _index(tree["skip_layers"], i)
+        if blocks:
+            c, j = divmod(i, size)
+            out[f"layers_{i}"] = _index(blocks[f"layers_{j}"], c) if c < chunks else tail[f"layers_{i - chunks * size}"]
     return {"params": out} if wrapped else out

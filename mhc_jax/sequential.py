@@ -36,6 +36,7 @@ from .skip import (
     weighted_sum,
     check_module_options,
     initial_logits,
+    is_deterministic,
     mixing_weights,
     sample_gumbel,
     weight_options,
@@ -88,6 +89,11 @@ class _Chunk(nn.Module):
         window = [*older, _keep(x, self.detach_history)]
         for layer, w in zip(self.layers, weights):
             y = layer(x)
+            if y.shape != x.shape:
+                raise ValueError(
+                    f"a scanned stack needs layers that keep the state's shape: a layer maps "
+                    f"{tuple(x.shape)} to {tuple(y.shape)} (use scan=False, with auto_project=True)"
+                )
             x = y + weighted_sum(w.astype(y.dtype), window)
             window = [*window[1:], _keep(x, self.detach_history)]
         return (x, tuple(window[:-1])), None
@@ -142,6 +148,21 @@ class MHCSequential(nn.Module):
         if len(self.layers) < 1:
             raise ValueError("MHCSequential needs at least one layer (depth >= 1), got 0")
         check_module_options(self)
+        # Layers built inline in a parent's @compact method are bound to that
+        # parent at construction (flax.linen.Sequential shares this trait), so
+        # their parameters would live on the parent rather than under this
+        # stack's layers_{i}. The stack owns its layers: such layers are
+        # deep-copied in, one copy per distinct instance (a repeated instance
+        # stays one shared layer, as in torch).
+        if any(isinstance(layer, nn.Module) and isinstance(layer.parent, nn.Module) for layer in self.layers):
+            copies: dict[int, nn.Module] = {}
+            owned = [
+                copies.setdefault(id(layer), layer.copy(parent=None, name=None))
+                if isinstance(layer, nn.Module) and isinstance(layer.parent, nn.Module)
+                else layer
+                for layer in self.layers
+            ]
+            object.__setattr__(self, "layers", owned)
         if self.scan:
             first = self.layers[0]
             if not isinstance(first, nn.Module):
@@ -213,10 +234,12 @@ class MHCSequential(nn.Module):
         noise = self._noise(deterministic, gumbel_noise)
 
         if self.scan:
-            logits, gates = _StackedSkipParams(
-                self.depth, self.max_history, self.mode, self.temperature, self.mixing_init,
-                self.use_gating, name="skip_layers",
-            )()
+            logits, gates = jnp.zeros((self.depth, self.max_history), jnp.float32), None
+            if self.mode != "residual":
+                logits, gates = _StackedSkipParams(
+                    self.depth, self.max_history, self.mode, self.temperature, self.mixing_init,
+                    self.use_gating, name="skip_layers",
+                )()
             weights = self._weights(logits, gates, count, noise)
             x, window = self._run_scanned(x, history, weights)
             if not carried:
@@ -240,9 +263,7 @@ class MHCSequential(nn.Module):
 
     def _noise(self, deterministic, gumbel_noise) -> jax.Array | None:
         """``(L, H)`` Gumbel noise for stochastic training, else None."""
-        if not self.stochastic or self.mode == "residual":
-            return None
-        if nn.merge_param("deterministic", self.deterministic, deterministic):
+        if not self.stochastic or self.mode == "residual" or is_deterministic(self, deterministic):
             return None
         if gumbel_noise is not None:
             if tuple(gumbel_noise.shape) != (self.depth, self.max_history):

@@ -141,6 +141,14 @@ def initial_logits(max_history: int, mode: str, temperature: float, init: str) -
     return identity_init_logits(max_history, mode, temperature)
 
 
+def is_deterministic(module: nn.Module, deterministic: bool | None) -> bool:
+    """The call's ``deterministic`` merged with the field; required except in ``init``
+    (which only needs shapes, so it adds no noise unless told otherwise)."""
+    if module.is_initializing() and deterministic is None and module.deterministic is None:
+        return True
+    return nn.merge_param("deterministic", module.deterministic, deterministic)
+
+
 def sample_gumbel(module: nn.Module, shape: tuple[int, ...]) -> jax.Array | None:
     """Standard Gumbel noise from ``module``'s ``"gumbel"`` rng stream.
 
@@ -358,10 +366,7 @@ class MHCSkip(nn.Module):
         )
 
     def _gumbel_noise(self, deterministic, gumbel_noise):
-        if not self.stochastic:
-            return None
-        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if deterministic:
+        if not self.stochastic or is_deterministic(self, deterministic):
             return None
         if gumbel_noise is not None:
             if tuple(gumbel_noise.shape) != (self.max_history,):

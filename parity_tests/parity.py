@@ -12,6 +12,10 @@ TOLERANCES = {
     ("skip", "gpu"): 1e-5,
     ("stack", "cpu"): 1e-5,  # relative to max(1, |value|)
     ("stack", "gpu"): 1e-4,
+    # Stacks of layers each framework computes with its own kernels (erf GELU,
+    # LayerNorm), a few ulp apart even alone: not this library's arithmetic.
+    ("kernel", "cpu"): 1e-4,
+    ("kernel", "gpu"): 1e-3,
 }
 
 #: The worst normalised difference seen per (kind, device, what), for the run's summary.

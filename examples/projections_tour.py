@@ -1,6 +1,6 @@
 """mhc in one screen: the projections, and one skip computed by both packages.
 
-Run with `make demo` (creates .venv on first use).
+    python examples/projections_tour.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,148 @@
+"""mhc_torch.MHCSequential: the documented stateful API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mhc_torch import HistoryBuffer, MHCSequential
+from tests.test_skip_torch import _forbid_host_sync
+
+WIDTH = 6
+
+
+def _stack(depth=5, **options) -> MHCSequential:
+    torch.manual_seed(0)
+    model = MHCSequential([nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(depth)], **options)
+    with torch.no_grad():
+        for skip in model.skip_layers:
+            for p in skip.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _manual(model: MHCSequential, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The SPEC's loop, with each skip called on its own."""
+    h = model.max_history
+    window = [x]
+    for layer, skip in zip(model.wrapped_modules, model.skip_layers):
+        x = skip(layer(x), window[-h:])
+        window.append(x)
+    return x, window[-h:]
+
+
+@pytest.mark.parametrize("mode", ["residual", "hc", "mhc"])
+def test_stack_is_the_spec_loop_and_records_the_window(mode):
+    model = _stack(mode=mode, max_history=3, use_gating=True, constraint="identity")
+    x = torch.randn(4, WIDTH)
+    out = model(x)
+    expected, window = _manual(model, x)
+    torch.testing.assert_close(out, expected)
+    assert len(model.history_buffer) == 3
+    for got, want in zip(model.history_buffer.get(), window):
+        torch.testing.assert_close(got, want)
+
+
+def test_each_forward_starts_fresh_by_default():
+    model = _stack()
+    a, b = torch.randn(3, WIDTH), torch.randn(3, WIDTH)
+    first = model(a)
+    model(b)
+    torch.testing.assert_close(model(a), first)
+    torch.testing.assert_close(torch.cat([model(a[:1]), model(a[1:])]), first)
+
+
+def test_keeping_history_across_calls_bleeds_until_cleared():
+    # Seed document: buffers that persist across batches leak features of one
+    # batch into the next ("temporal bleeding"); clear_history() stops it.
+    model = _stack(clear_history_each_forward=False)
+    a, b = torch.randn(3, WIDTH), torch.randn(3, WIDTH)
+    fresh = _stack()(a)
+    model(b)
+    assert not torch.allclose(model(a), fresh)
+    model.clear_history()
+    torch.testing.assert_close(model(a), fresh)
+
+
+def test_detach_history_cuts_gradient_through_the_window_only():
+    model, detached = _stack(), _stack(detach_history=True)
+    x = torch.randn(3, WIDTH)
+    torch.testing.assert_close(model(x), detached(x))
+    assert all(not s.requires_grad for s in detached.history_buffer.get())
+    grads = []
+    for m in (model, detached):
+        xi = x.clone().requires_grad_(True)
+        m(xi).sum().backward()
+        grads.append(xi.grad)
+        assert all(s.mixing_logits.grad is not None for s in m.skip_layers[1:])  # weights still learn
+    assert not torch.allclose(*grads)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    plain, checkpointed = _stack(stochastic=True), _stack(stochastic=True, use_checkpointing=True)
+    x = torch.randn(3, WIDTH)
+    noise = torch.distributions.Gumbel(0.0, 1.0).sample((5, 4))
+    for m in (plain, checkpointed):
+        m(x, gumbel_noise=noise).square().sum().backward()
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_stochastic_noise_only_in_training():
+    model = _stack(stochastic=True)
+    x = torch.randn(3, WIDTH)
+    model.eval()
+    evaluated = model(x)
+    reference = _stack()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(evaluated, reference(x))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    with pytest.raises(ValueError, match=r"gumbel_noise must have shape \(5, 4\)"):
+        model(x, gumbel_noise=torch.zeros(4))
+
+
+def test_moving_the_model_moves_the_stored_states():
+    # Seed FAQ 3: the stack is device aware; here with dtypes (CUDA in the GPU test).
+    model = _stack(clear_history_each_forward=False)
+    model(torch.randn(2, WIDTH))
+    model.double()
+    assert all(s.dtype == torch.float64 for s in model.history_buffer.get())
+    model(torch.randn(2, WIDTH, dtype=torch.float64))  # old and new states mix without error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_moving_to_cuda_moves_the_stored_states():
+    model = _stack(clear_history_each_forward=False)
+    model(torch.randn(2, WIDTH))
+    model.cuda()
+    assert all(s.is_cuda for s in model.history_buffer.get())
+    model(torch.randn(2, WIDTH, device="cuda"))
+
+
+def test_auto_project_lets_layers_change_the_width():
+    model = MHCSequential([nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)], auto_project=True)
+    assert model(torch.randn(4, 6)).shape == (4, 3)
+    assert model.skip_layers[2].projection_from_8.weight.shape == (3, 8)
+    with pytest.raises(ValueError, match=r"history state 0 has shape \(4, 6\) but x has shape \(4, 8\)"):
+        MHCSequential([nn.Linear(6, 8), nn.Linear(8, 8)])(torch.randn(4, 6))
+
+
+def test_forward_and_backward_never_read_values_on_the_host():
+    model = _stack(stochastic=True, use_gating=True, prune_threshold=0.1)
+    x = torch.randn(3, WIDTH, requires_grad=True)
+    with _forbid_host_sync():
+        model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_documented_attributes_and_errors():
+    model = _stack(max_history=3)
+    assert isinstance(model.history_buffer, HistoryBuffer) and model.history_buffer.max_history == 3
+    names = [n for n, _ in model.named_parameters()]
+    assert "wrapped_modules.0.0.weight" in names and "skip_layers.4.mixing_logits" in names
+    with pytest.raises(ValueError, match=r"at least one module \(depth >= 1\), got 0"):
+        MHCSequential([])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MHCSequential([nn.Linear(2, 2)], mode="dense")
