@@ -13,6 +13,7 @@ from .projections import (
     project_softmax,
 )
 from . import convert
+from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
 
@@ -20,10 +21,15 @@ __all__ = [
     "History",
     "MHCSequential",
     "MHCSkip",
+    "MixingWarning",
     "convert",
+    "diagnose",
+    "extract_mixing_weights",
     "identity_init_logits",
+    "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
+    "plot_mixing_heatmap",
     "project_doubly_stochastic",
     "project_identity_preserving",
     "project_simplex",

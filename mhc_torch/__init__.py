@@ -1,12 +1,18 @@
 """mhc_torch: manifold-constrained hyper-connections for PyTorch.
 
 The documented, stateful API: :class:`MHCSkip` mixes a window of earlier
-states into a layer's output, :class:`HistoryBuffer` keeps that window. The
-JAX/Flax twin is ``mhc_jax``; the two packages compute the same projections,
-mixes and gradients.
+states into a layer's output, :class:`HistoryBuffer` keeps that window,
+:class:`MHCSequential` wires both around a list of layers. The ecosystem:
+``@mhc_compatible``, :func:`clear_history`, :func:`inject_mhc`,
+:class:`MHCLightningCallback` (needs ``lightning``) and the monitoring
+functions. The JAX/Flax twin is ``mhc_jax``; the two packages compute the same
+projections, mixes and gradients.
 """
 
+from .compat import clear_history, is_mhc_compatible, mhc_compatible
 from .history import HistoryBuffer
+from .inject import MHCInjected, inject_mhc
+from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .projections import (
     project_doubly_stochastic,
     project_identity_preserving,
@@ -18,14 +24,34 @@ from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights
 
 __all__ = [
     "HistoryBuffer",
+    "MHCInjected",
+    "MHCLightningCallback",
     "MHCSequential",
     "MHCSkip",
+    "MixingWarning",
+    "clear_history",
+    "diagnose",
+    "extract_mixing_weights",
     "identity_init_logits",
+    "inject_mhc",
+    "is_mhc_compatible",
+    "mhc_compatible",
+    "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
+    "plot_mixing_heatmap",
     "project_doubly_stochastic",
     "project_identity_preserving",
     "project_simplex",
     "project_softmax",
     "window_weights",
 ]
+
+
+def __getattr__(name: str):
+    # The Lightning callback imports `lightning`, an optional extra: only on use.
+    if name == "MHCLightningCallback":
+        from .lightning import MHCLightningCallback
+
+        return MHCLightningCallback
+    raise AttributeError(f"module 'mhc_torch' has no attribute {name!r}")

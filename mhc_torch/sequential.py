@@ -18,12 +18,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .compat import mhc_compatible
 from .history import HistoryBuffer
 from .skip import MHCSkip, mixing_weights, sample_gumbel
 
 __all__ = ["MHCSequential"]
 
 
+@mhc_compatible
 class MHCSequential(nn.Module):
     """Wrap ``modules`` so each layer's output is mixed with the window of earlier states.
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .compat import mhc_compatible
 from .history import HistoryBuffer, check_max_history
 from .projections import (
     check_epsilon,
@@ -283,6 +284,7 @@ def feature_axis(x: torch.Tensor) -> int:
     return 1 if x.dim() >= 4 else x.dim() - 1
 
 
+@mhc_compatible
 class MHCSkip(nn.Module):
     r"""Manifold-constrained hyper-connection: ``out = x + g * sum_k alpha_k h_k``.
 
@@ -341,6 +343,9 @@ class MHCSkip(nn.Module):
         self.use_gating = bool(use_gating)
         self.prune_threshold = float(prune_threshold)
         self.stochastic = bool(stochastic)
+        #: The window size K of the last forward (0 before the first one); what
+        #: monitoring projects the logits for.
+        self.last_num_states = 0
         # Residual mode has nothing to learn; unused parameters would also
         # trip DistributedDataParallel's unused-parameter check.
         if mode != "residual":
@@ -430,6 +435,7 @@ class MHCSkip(nn.Module):
         elif isinstance(history, HistoryBuffer):
             history = history.get()
         states = self._match_shape(x, list(history)[-self.max_history :])
+        self.last_num_states = len(states)
         if not states:
             return x
         if self.mode == "residual":

@@ -1,0 +1,245 @@
+r"""Mixing weights as a dashboard: extraction, summary metrics, diagnostics, heatmap.
+
+Weights are reported per skip as a vector over its window, oldest first and
+latest last (``K`` entries), computed from Flax parameters with the skips'
+projection (mode, constraint, temperature, epsilon): the deterministic
+``alpha`` of SPEC.md, before pruning, Gumbel noise and the gate. A Flax
+training loop can log :func:`mixing_metrics` and :func:`diagnose` every few
+steps (``examples/flax_monitoring.py``).
+
+:func:`diagnose` reports the troubleshooting guide's warning signs:
+
+* **entropy** near its maximum ``log K``: the weights are close to uniform,
+  the model lost its specialised paths and defaults to a noisy average;
+* **saturation**, the latest weight pinned at ``>= 0.99``: the network ignores
+  its history and behaves like a plain sequential stack;
+* **symmetry**, every layer's weights identical: the heatmap "symmetry" seen
+  when history is never cleared between batches (also the state of a freshly
+  initialised model);
+* **non-finite** weights: the logits diverged;
+* **empty**: all-zero weights, read for an empty window.
+
+The twin is :mod:`mhc_torch.monitoring`; both give the same warnings for the
+same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from .skip import window_weights
+
+__all__ = [
+    "MixingWarning",
+    "extract_mixing_weights",
+    "mixing_metrics",
+    "entropy",
+    "diagnose",
+    "plot_mixing_heatmap",
+    "ENTROPY_RATIO",
+    "SATURATION",
+]
+
+#: Entropy at or above this fraction of ``log K`` counts as near-uniform.
+ENTROPY_RATIO = 0.95
+#: A latest-state weight at or above this counts as saturated.
+SATURATION = 0.99
+#: Layers whose weights differ by less than this count as identical.
+SYMMETRY_TOLERANCE = 1e-6
+
+_STACK_SKIP = re.compile(r"skip_layers_(\d+)")
+
+
+def _skip_logits(tree: Mapping, path: tuple[str, ...] = ()):
+    """(name, logits, position in a stack or None) for every skip in a parameter tree."""
+    for key, value in tree.items():
+        if not isinstance(value, Mapping):
+            continue
+        here = (*path, key)
+        if "mixing_logits" in value:
+            logits = np.asarray(value["mixing_logits"])
+            if logits.ndim == 2:  # a scanned stack: one row per layer
+                for i, row in enumerate(logits):
+                    yield "/".join((*path, f"{key}_{i}")), row, i
+            else:
+                match = _STACK_SKIP.fullmatch(key)
+                yield "/".join(here), logits, int(match.group(1)) if match else None
+        yield from _skip_logits(value, here)
+
+
+def extract_mixing_weights(
+    params: Mapping,
+    model=None,
+    *,
+    mode: str = "mhc",
+    constraint: str = "simplex",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    num_states: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Every skip's mixing weights from Flax parameters, keyed by parameter path.
+
+    Args:
+      params: the parameters (with or without the outer ``{"params": ...}``).
+      model: optional ``MHCSkip`` or ``MHCSequential`` whose options (mode,
+        constraint, temperature, epsilon) to use instead of the keywords.
+      mode, constraint, temperature, epsilon: the skips' options.
+      num_states: the window size ``K`` to report for every skip; by default
+        ``min(i + 1, H)`` for layer ``i`` of an ``MHCSequential`` (what it
+        mixes) and ``H`` for other skips. A scanned stack's rows are named
+        like the unrolled stack's (``.../skip_layers_{i}``).
+    Returns:
+      ``{path: weights}``, each of shape ``(K,)``, oldest first, latest last.
+    """
+    if model is not None:
+        mode, constraint = model.mode, model.constraint
+        temperature, epsilon = model.temperature, model.epsilon
+    tree = params["params"] if set(params) == {"params"} else params
+    out = {}
+    for name, logits, position in _skip_logits(tree):
+        h = logits.shape[-1]
+        if num_states is not None:
+            k = min(num_states, h)
+        else:
+            k = h if position is None else min(position + 1, h)
+        w = window_weights(
+            jnp.asarray(logits, jnp.float32), k, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon
+        )
+        out[name] = np.asarray(w)[h - k :]
+    return out
+
+
+def entropy(weights: np.ndarray) -> float:
+    """``-sum w log w`` over the positive weights (0 for an empty window, NaN if any is not finite)."""
+    w = np.asarray(weights, np.float64)
+    if not np.isfinite(w).all():
+        return math.nan
+    w = w[w > 0]
+    return float(-(w * np.log(w)).sum())
+
+
+def mixing_metrics(weights: dict[str, np.ndarray], prefix: str = "mhc") -> dict[str, float]:
+    """Scalars to log: each skip's latest-state weight and entropy."""
+    metrics = {}
+    for name, w in weights.items():
+        metrics[f"{prefix}/{name}/latest_weight"] = float(w[-1]) if len(w) else 0.0
+        metrics[f"{prefix}/{name}/entropy"] = entropy(w)
+    return metrics
+
+
+@dataclass(frozen=True)
+class MixingWarning:
+    """One warning sign: its kind, the layers showing it, and what to change."""
+
+    kind: str
+    layers: tuple[str, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _names(layers) -> str:
+    layers = list(layers)
+    return ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+
+
+def diagnose(
+    weights: dict[str, np.ndarray],
+    *,
+    entropy_ratio: float = ENTROPY_RATIO,
+    saturation: float = SATURATION,
+) -> list[MixingWarning]:
+    """The warning signs in ``weights`` (from :func:`extract_mixing_weights`).
+
+    Windows of one state (``K = 1``) carry no choice and are not judged for
+    entropy, saturation or symmetry.
+    """
+    warnings: list[MixingWarning] = []
+    arrays = {name: np.asarray(w, np.float64) for name, w in weights.items()}
+
+    bad = [n for n, w in arrays.items() if not np.isfinite(w).all()]
+    if bad:
+        warnings.append(MixingWarning("non_finite", tuple(bad), (
+            f"non-finite mixing weights in {_names(bad)}: the logits diverged. Lower the learning "
+            "rate, prefer mode='mhc' to 'hc' (the simplex projection can zero out noisy history), "
+            "and normalise the inputs (mHC amplifies what it is given)."
+        )))
+    finite = {n: w for n, w in arrays.items() if np.isfinite(w).all()}
+
+    empty = [n for n, w in finite.items() if not (w != 0).any()]
+    if empty:
+        warnings.append(MixingWarning("empty", tuple(empty), (
+            f"all-zero mixing weights in {_names(empty)}: they were read before any state was "
+            "pushed (the window is empty until the first forward pass). Run a forward pass first."
+        )))
+
+    judged = {n: w for n, w in finite.items() if len(w) >= 2}
+    uniform = [n for n, w in judged.items() if entropy(w) >= entropy_ratio * math.log(len(w))]
+    if uniform:
+        warnings.append(MixingWarning("entropy", tuple(uniform), (
+            f"near-uniform mixing weights in {_names(uniform)} (entropy >= {entropy_ratio:.0%} of "
+            "log K): the model lost its specialised paths and averages its history. Lower the "
+            "temperature (keep it within 0.5-2.0) or use mode='mhc', whose exact zeros prune slots."
+        )))
+    pinned = [n for n, w in judged.items() if w[-1] >= saturation]
+    if pinned:
+        warnings.append(MixingWarning("saturation", tuple(pinned), (
+            f"latest-state weight >= {saturation} in {_names(pinned)}: the network ignores its "
+            "history and behaves like a plain sequential stack (expected right after the default "
+            "identity init; a warning if it persists). Raise the temperature or lower epsilon."
+        )))
+    by_size: dict[int, list[str]] = {}
+    for n, w in judged.items():
+        by_size.setdefault(len(w), []).append(n)
+    for size, names in by_size.items():
+        if len(names) >= 2 and all(np.abs(judged[n] - judged[names[0]]).max() < SYMMETRY_TOLERANCE for n in names):
+            warnings.append(MixingWarning("symmetry", tuple(names), (
+                f"every layer with a window of {size} ({_names(names)}) has the same mixing weights: "
+                "if history is never cleared between batches the manifold collapses into one global "
+                "state. Clear it every batch (clear_history(), MHCLightningCallback, or "
+                "clear_history_each_forward=True). A freshly initialised model also looks like this."
+            )))
+    return warnings
+
+
+def plot_mixing_heatmap(weights: dict[str, np.ndarray], path: str | None = None, title: str = "mHC mixing weights"):
+    """A layers x history-slots heatmap (needs matplotlib: ``pip install mhc-jax-torch[plots]``).
+
+    Rows are layers in order, columns window slots with the latest state on the
+    right; slots a short window does not have are left blank. Saves a PNG
+    when ``path`` is given. Returns the matplotlib ``Figure``.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_mixing_heatmap needs matplotlib: pip install 'mhc-jax-torch[plots]'") from err
+    names = list(weights)
+    width = max((len(w) for w in weights.values()), default=1)
+    grid = np.full((len(names), width), np.nan)
+    for row, name in enumerate(names):
+        w = np.asarray(weights[name], np.float64)
+        if len(w):
+            grid[row, width - len(w) :] = w
+    fig = Figure(figsize=(1.2 + 0.9 * width, 1.0 + 0.35 * max(len(names), 1)))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xticks(range(width), [f"t-{width - 1 - j}" if j < width - 1 else "latest" for j in range(width)])
+    ax.set_xlabel("history slot")
+    ax.set_title(title)
+    for (row, col), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="alpha")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

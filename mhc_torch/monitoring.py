@@ -1,0 +1,234 @@
+r"""Mixing weights as a dashboard: extraction, summary metrics, diagnostics, heatmap.
+
+Weights are reported per skip as a vector over its window, oldest first and
+latest last (``K`` entries), computed with the skip's own projection (mode,
+constraint, temperature, epsilon): the deterministic ``alpha`` of SPEC.md,
+before pruning, Gumbel noise and the gate.
+
+:func:`diagnose` reports the troubleshooting guide's warning signs:
+
+* **entropy** near its maximum ``log K``: the weights are close to uniform,
+  the model lost its specialised paths and defaults to a noisy average;
+* **saturation**, the latest weight pinned at ``>= 0.99``: the network ignores
+  its history and behaves like a plain sequential stack;
+* **symmetry**, every layer's weights identical: the heatmap "symmetry" seen
+  when history is never cleared between batches (also the state of a freshly
+  initialised model);
+* **non-finite** weights: the logits diverged;
+* **empty**: all-zero weights, read before the first forward pass.
+
+The twin is :mod:`mhc_jax.monitoring`; both give the same warnings for the
+same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compat import is_mhc_compatible
+from .skip import MHCSkip, window_weights
+
+__all__ = [
+    "MixingWarning",
+    "extract_mixing_weights",
+    "mixing_metrics",
+    "entropy",
+    "diagnose",
+    "plot_mixing_heatmap",
+    "ENTROPY_RATIO",
+    "SATURATION",
+]
+
+#: Entropy at or above this fraction of ``log K`` counts as near-uniform.
+ENTROPY_RATIO = 0.95
+#: A latest-state weight at or above this counts as saturated.
+SATURATION = 0.99
+#: Layers whose weights differ by less than this count as identical.
+SYMMETRY_TOLERANCE = 1e-6
+
+
+def _skips(model: nn.Module) -> list[tuple[str, MHCSkip]]:
+    """Skips inside every @mhc_compatible module found by recursive search.
+
+    The search does not descend into a compatible module once found: it
+    handles its own hyper-connectivity, and its skips are reported under it.
+    """
+    found: list[tuple[str, MHCSkip]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if is_mhc_compatible(module):
+            found.extend(
+                (".".join(p for p in (prefix, name) if p), sub)
+                for name, sub in module.named_modules()
+                if isinstance(sub, MHCSkip)
+            )
+            return
+        for name, child in module.named_children():
+            visit(child, f"{prefix}.{name}" if prefix else name)
+
+    visit(model, "")
+    return found
+
+
+@torch.no_grad()
+def extract_mixing_weights(model: nn.Module, num_states: int | None = None) -> dict[str, np.ndarray]:
+    """Every skip's mixing weights, keyed by its path in ``model``.
+
+    Only skips inside ``@mhc_compatible`` modules are reported (``MHCSkip``
+    and ``MHCSequential`` are compatible themselves).
+
+    Args:
+      model: any module.
+      num_states: the window size ``K`` to report for every skip; by default
+        the size each skip last mixed (0, all-zero weights, before the first
+        forward pass).
+    Returns:
+      ``{path: weights}``, each of shape ``(K,)``, oldest first, latest last.
+    """
+    out = {}
+    for name, skip in _skips(model):
+        k = skip.last_num_states if num_states is None else min(num_states, skip.max_history)
+        if skip.mode == "residual":
+            logits = torch.zeros(skip.max_history)
+        else:
+            logits = skip.mixing_logits.detach().float().cpu()
+        w = window_weights(
+            logits, k, mode=skip.mode, constraint=skip.constraint, temperature=skip.temperature, epsilon=skip.epsilon
+        )
+        out[name] = w.numpy()[skip.max_history - k :]
+    return out
+
+
+def entropy(weights: np.ndarray) -> float:
+    """``-sum w log w`` over the positive weights (0 for an empty window, NaN if any is not finite)."""
+    w = np.asarray(weights, np.float64)
+    if not np.isfinite(w).all():
+        return math.nan
+    w = w[w > 0]
+    return float(-(w * np.log(w)).sum())
+
+
+def mixing_metrics(weights: dict[str, np.ndarray], prefix: str = "mhc") -> dict[str, float]:
+    """Scalars to log: each skip's latest-state weight and entropy."""
+    metrics = {}
+    for name, w in weights.items():
+        metrics[f"{prefix}/{name}/latest_weight"] = float(w[-1]) if len(w) else 0.0
+        metrics[f"{prefix}/{name}/entropy"] = entropy(w)
+    return metrics
+
+
+@dataclass(frozen=True)
+class MixingWarning:
+    """One warning sign: its kind, the layers showing it, and what to change."""
+
+    kind: str
+    layers: tuple[str, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _names(layers) -> str:
+    layers = list(layers)
+    return ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+
+
+def diagnose(
+    weights: dict[str, np.ndarray],
+    *,
+    entropy_ratio: float = ENTROPY_RATIO,
+    saturation: float = SATURATION,
+) -> list[MixingWarning]:
+    """The warning signs in ``weights`` (from :func:`extract_mixing_weights`).
+
+    Windows of one state (``K = 1``) carry no choice and are not judged for
+    entropy, saturation or symmetry.
+    """
+    warnings: list[MixingWarning] = []
+    arrays = {name: np.asarray(w, np.float64) for name, w in weights.items()}
+
+    bad = [n for n, w in arrays.items() if not np.isfinite(w).all()]
+    if bad:
+        warnings.append(MixingWarning("non_finite", tuple(bad), (
+            f"non-finite mixing weights in {_names(bad)}: the logits diverged. Lower the learning "
+            "rate, prefer mode='mhc' to 'hc' (the simplex projection can zero out noisy history), "
+            "and normalise the inputs (mHC amplifies what it is given)."
+        )))
+    finite = {n: w for n, w in arrays.items() if np.isfinite(w).all()}
+
+    empty = [n for n, w in finite.items() if not (w != 0).any()]
+    if empty:
+        warnings.append(MixingWarning("empty", tuple(empty), (
+            f"all-zero mixing weights in {_names(empty)}: they were read before any state was "
+            "pushed (the window is empty until the first forward pass). Run a forward pass first."
+        )))
+
+    judged = {n: w for n, w in finite.items() if len(w) >= 2}
+    uniform = [n for n, w in judged.items() if entropy(w) >= entropy_ratio * math.log(len(w))]
+    if uniform:
+        warnings.append(MixingWarning("entropy", tuple(uniform), (
+            f"near-uniform mixing weights in {_names(uniform)} (entropy >= {entropy_ratio:.0%} of "
+            "log K): the model lost its specialised paths and averages its history. Lower the "
+            "temperature (keep it within 0.5-2.0) or use mode='mhc', whose exact zeros prune slots."
+        )))
+    pinned = [n for n, w in judged.items() if w[-1] >= saturation]
+    if pinned:
+        warnings.append(MixingWarning("saturation", tuple(pinned), (
+            f"latest-state weight >= {saturation} in {_names(pinned)}: the network ignores its "
+            "history and behaves like a plain sequential stack (expected right after the default "
+            "identity init; a warning if it persists). Raise the temperature or lower epsilon."
+        )))
+    by_size: dict[int, list[str]] = {}
+    for n, w in judged.items():
+        by_size.setdefault(len(w), []).append(n)
+    for size, names in by_size.items():
+        if len(names) >= 2 and all(np.abs(judged[n] - judged[names[0]]).max() < SYMMETRY_TOLERANCE for n in names):
+            warnings.append(MixingWarning("symmetry", tuple(names), (
+                f"every layer with a window of {size} ({_names(names)}) has the same mixing weights: "
+                "if history is never cleared between batches the manifold collapses into one global "
+                "state. Clear it every batch (clear_history(), MHCLightningCallback, or "
+                "clear_history_each_forward=True). A freshly initialised model also looks like this."
+            )))
+    return warnings
+
+
+def plot_mixing_heatmap(weights: dict[str, np.ndarray], path: str | None = None, title: str = "mHC mixing weights"):
+    """A layers x history-slots heatmap (needs matplotlib: ``pip install mhc-jax-torch[plots]``).
+
+    Rows are layers in order, columns window slots with the latest state on the
+    right; slots a short window does not have are left blank. Saves a PNG
+    when ``path`` is given. Returns the matplotlib ``Figure``.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_mixing_heatmap needs matplotlib: pip install 'mhc-jax-torch[plots]'") from err
+    names = list(weights)
+    width = max((len(w) for w in weights.values()), default=1)
+    grid = np.full((len(names), width), np.nan)
+    for row, name in enumerate(names):
+        w = np.asarray(weights[name], np.float64)
+        if len(w):
+            grid[row, width - len(w) :] = w
+    fig = Figure(figsize=(1.2 + 0.9 * width, 1.0 + 0.35 * max(len(names), 1)))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xticks(range(width), [f"t-{width - 1 - j}" if j < width - 1 else "latest" for j in range(width)])
+    ax.set_xlabel("history slot")
+    ax.set_title(title)
+    for (row, col), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="alpha")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
