@@ -51,3 +51,36 @@ def test_torch_trained_model_runs_the_same_in_jax():
     result = _load("torch_to_jax.py")["main"](steps=100)
     assert result["difference"] < 1e-4
     assert result["jax_accuracy"] == result["torch_accuracy"] > 0.9
+
+
+def test_decorated_custom_layer_gets_the_ecosystem():
+    result = _load("custom_layer.py")["main"]()
+    assert result["window"] > 0 and result["untouched"]
+    assert str(result["moved"]) == "torch.float64"
+    assert set(result["weights"]) == {"left.skip", "right.skip"}
+
+
+def test_injection_into_an_existing_model_trains_and_spares_the_decorated_layer():
+    result = _load("inject_existing_model.py")["main"](epochs=3)
+    assert result["wrapped"] == ["0", "2", "5", "7"] and result["untouched"]
+    assert result["accuracy"] > 0.8
+
+
+def test_lightning_training_logs_the_mixing_metrics():
+    result = _load("lightning_training.py")["main"](epochs=1, log_interval=8)
+    assert result["steps"] == [8, 16, 24, 32]
+    assert "mhc/stack.skip_layers.5/latest_weight" in result["columns"]
+    assert result["accuracy"] > 0.5
+
+
+def test_heatmap_example_saves_a_png_of_learned_weights(tmp_path):
+    result = _load("heatmap.py")["main"](steps=100, path=str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert any((w == 0).any() for w in result["weights"].values())  # mode="mhc" switched slots off
+
+
+def test_flax_monitoring_logs_metrics_and_diagnoses_from_params(tmp_path):
+    result = _load("flax_monitoring.py")["main"](steps=60, log_every=30, path=str(tmp_path / "f.png"))
+    assert [h["step"] for h in result["history"]] == [30, 60]
+    assert len(result["weights"]) == 16 and (tmp_path / "f.png").exists()
+    assert result["accuracy"] > 0.5
