@@ -63,7 +63,7 @@ def main(epochs: int = 10, seed: int = 0) -> dict:
     x_train, y_train = spirals(4096, seed)
     x_test, y_test = spirals(1024, seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for epoch in range(1, epochs + 1):
+    for _ in range(epochs):
         for idx in torch.randperm(len(x_train)).split(128):
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])  # windows clear at every call
             optimizer.zero_grad()

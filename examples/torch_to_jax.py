@@ -15,7 +15,6 @@ import argparse
 
 import flax.linen as fnn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F

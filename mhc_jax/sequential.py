@@ -87,7 +87,7 @@ class _Chunk(nn.Module):
     def __call__(self, carry: tuple[jax.Array, tuple[jax.Array, ...]], weights: jax.Array):
         x, older = carry
         window = [*older, _keep(x, self.detach_history)]
-        for layer, w in zip(self.layers, weights):
+        for layer, w in zip(self.layers, weights, strict=True):
             y = layer(x)
             if y.shape != x.shape:
                 raise ValueError(
@@ -255,7 +255,7 @@ class MHCSequential(nn.Module):
         # The window is a list while it can be (every window size static: the
         # cheapest mix) and a History only when one is carried across calls.
         window = history if carried else [_keep(x, self.detach_history)]
-        for i, (layer, skip) in enumerate(zip(self.layers, skips)):
+        for i, (layer, skip) in enumerate(zip(self.layers, skips, strict=True)):
             x = skip(layer(x), window, weights=None if weights is None else weights[i])
             kept = _keep(x, self.detach_history)
             window = window.push(kept) if carried else (window + [kept])[-self.max_history :]

@@ -146,7 +146,7 @@ class MHCSequential(nn.Module):
             self.history_buffer.clear()
         self.history_buffer.append(x)
         weights = self.layer_weights(len(self.history_buffer), gumbel_noise=gumbel_noise, device=x.device)
-        for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights):
+        for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights, strict=True):
             window = self.history_buffer.get()
             if self.use_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(_layer, module, skip, x, w, *window, use_reentrant=False)

@@ -246,7 +246,7 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, w: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
         weights = w.unbind()
         out = torch.addcmul(y, states[0], weights[0])
-        for h, w_k in zip(states[1:], weights[1:]):
+        for h, w_k in zip(states[1:], weights[1:], strict=True):
             out.addcmul_(h, w_k)
         ctx.save_for_backward(w, *states)
         return out

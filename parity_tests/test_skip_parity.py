@@ -129,7 +129,7 @@ def test_skip_output_and_gradients_agree(jx, pt, device, case):
     assert_parity(out_j, out_t, what=f"skip output ({where})", **check)
     assert_parity(grads_j["x"], grads_t["x"], what="skip grad x", **check)
     assert len(grads_j["states"]) == len(grads_t["states"])
-    for i, (gj, gt) in enumerate(zip(grads_j["states"], grads_t["states"])):
+    for gj, gt in zip(grads_j["states"], grads_t["states"], strict=True):
         assert_parity(gj, gt, what=f"skip grad history ({where})", **check)
     assert set(params) <= set(grads_j) and set(params) <= set(grads_t)
     for name in params:

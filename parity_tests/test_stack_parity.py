@@ -11,7 +11,6 @@ one. A fixed depth-50 case runs in both directions.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -163,7 +162,7 @@ def _compare(jx, pt, device, case, kind="stack"):
         assert_parity(out_s, out_j, what="scanned vs unrolled output", **check)
         assert_parity(dx_s, dx_j, what="scanned vs unrolled grad x", **check)
         unstacked = unstack_layer_params(d_stacked, o["max_history"])
-        for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(d_params)):
+        for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(d_params), strict=True):
             assert_parity(a, b, what="scanned vs unrolled grad parameters", **check)
 
 

@@ -171,7 +171,7 @@ class TorchBackend:
         inputs = [self.array(a).requires_grad_(True) for a in args]
         out = fn(*inputs)
         (out * self.array(cotangent).to(out.dtype)).sum().backward()
-        grads = [self.numpy(t.grad) if t.grad is not None else np.zeros_like(a) for t, a in zip(inputs, args)]
+        grads = [self.numpy(t.grad) if t.grad is not None else np.zeros_like(a) for t, a in zip(inputs, args, strict=True)]
         return self.numpy(out), grads
 
     def check_grads(self, fn: Callable, x: np.ndarray) -> None:
@@ -208,7 +208,7 @@ class TorchBackend:
         def grad(t, like):
             return self.numpy(t.grad) if t.grad is not None else np.zeros(like.shape, np.float32)
 
-        grads = {"x": grad(inputs[0], x), "states": [grad(t, a) for t, a in zip(inputs[1:], states)]}
+        grads = {"x": grad(inputs[0], x), "states": [grad(t, a) for t, a in zip(inputs[1:], states, strict=True)]}
         grads.update({name: grad(p, p) for name, p in skip.named_parameters()})
         return self.numpy(out), grads
 

@@ -101,7 +101,7 @@ def test_lazily_built_auto_project_maps_travel_both_ways():
     assert tmodel.skip_layers[1].projection_from_8.weight.shape == (3, 8)
     np.testing.assert_allclose(tmodel(torch.from_numpy(x)).detach().numpy(), fmodel.apply(params, x), atol=1e-5)
     round_trip = to_flax(tmodel, params)
-    for a, b in zip(jax.tree.leaves(round_trip), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(round_trip), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -114,7 +114,7 @@ def test_stacking_for_the_scanned_layout_round_trips(depth, h):
     stacked = stack_layer_params(params, h)
     scanned = mhc_jax.MHCSequential.scanned(block, depth, max_history=h)
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned.init(jax.random.key(0), x))
-    for a, b in zip(jax.tree.leaves(unstack_layer_params(stacked, h)), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(unstack_layer_params(stacked, h)), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -30,7 +30,7 @@ def test_the_window_is_the_last_h_states_oldest_first(h, n):
     assert int(history.count) == n and int(history.num_states) == min(n, h)
     window = history.to_list()
     assert len(window) == min(n, h)
-    for got, want in zip(window, states[-h:]):
+    for got, want in zip(window, states[-h:], strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(history.latest(), states[-1])
 
@@ -82,7 +82,7 @@ def test_history_is_a_scan_carry():
 
     history, latest = jax.lax.scan(step, History.create(xs[0], 4), xs[1:])
     np.testing.assert_array_equal(latest, xs[1:])
-    for got, want in zip(history.to_list(), xs[-4:]):
+    for got, want in zip(history.to_list(), xs[-4:], strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -121,7 +121,7 @@ def test_a_history_mixes_like_the_list_of_its_window(mode, h, n, seed):
     list_value, (list_dx, list_ds) = grad(x, states, False)
     np.testing.assert_allclose(ring_value, list_value, rtol=1e-6)
     np.testing.assert_allclose(ring_dx, list_dx, rtol=1e-6, atol=1e-6)
-    for a, b in zip(ring_ds, list_ds):  # evicted states get zero gradient in both
+    for a, b in zip(ring_ds, list_ds, strict=True):  # evicted states get zero gradient in both
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 

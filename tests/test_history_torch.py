@@ -18,7 +18,7 @@ def test_keeps_the_last_h_states_oldest_first(h, n):
     for s in states:
         buffer.append(s)
     assert len(buffer) == min(n, h)
-    assert [s is t for s, t in zip(buffer.get(), states[-h:])] == [True] * min(n, h)
+    assert [s is t for s, t in zip(buffer.get(), states[-h:], strict=True)] == [True] * min(n, h)
 
 
 def test_get_returns_a_copy_and_clear_empties():

@@ -43,7 +43,7 @@ def test_global_scope_on_a_chain_computes_what_mhc_sequential_computes():
     stack = MHCSequential(layers, max_history=3, init="uniform")
     model = inject_mhc(nn.Sequential(*layers), nn.Linear, max_history=3, init="uniform", auto_project=False)
     with torch.no_grad():
-        for skip, wrapped in zip(stack.skip_layers, model):
+        for skip, wrapped in zip(stack.skip_layers, model, strict=True):
             skip.mixing_logits.normal_()
             wrapped.skip.mixing_logits.copy_(skip.mixing_logits)
     x = torch.randn(2, 5)

@@ -206,7 +206,7 @@ def test_jit_gives_the_eager_result(backend, mu, tau, eps):
     lib = backend.lib
     jitted = backend.jit(_ALL_PROJECTIONS[backend.name])
     args = (backend.array(mu), backend.array(np.float32(tau)), backend.array(np.float32(eps)))
-    for a, b in zip(jitted(*args), _all_projections(lib, *args)):
+    for a, b in zip(jitted(*args), _all_projections(lib, *args), strict=True):
         np.testing.assert_allclose(backend.numpy(a), backend.numpy(b), atol=1e-6)
 
 

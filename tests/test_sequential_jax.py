@@ -45,7 +45,7 @@ def _manual(params, x, depth, h, detach=False, **skip_options):
 def _perturbed(params, seed=1):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+    return jax.tree.unflatten(tree, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)])
 
 
 @pytest.mark.parametrize("mode", ["residual", "hc", "mhc"])
@@ -88,7 +88,7 @@ def test_carried_history_is_the_explicit_opt_in():
     out1, history = model.apply(params, x1, History.empty(x1, 4))
     np.testing.assert_allclose(out1, model.apply(params, x1), atol=1e-6)  # empty history = fresh
     _, window = _manual(params, x1, 3, 4)
-    for got, want in zip(history.to_list(), window):
+    for got, want in zip(history.to_list(), window, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
     out2, history2 = jax.jit(model.apply)(params, x2, history)
     assert int(history2.count) == 8  # x1, 3 outputs, x2, 3 outputs
@@ -128,7 +128,7 @@ def test_scanned_stack_equals_the_unrolled_one(mode, depth_h, seed):
     vb, (gb, gxb) = grad_scanned(stacked, x)
     np.testing.assert_allclose(va, vb, atol=1e-5)
     np.testing.assert_allclose(gxa, gxb, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(unstack_layer_params(gb, h))):
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(unstack_layer_params(gb, h)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -142,11 +142,15 @@ def test_scanned_stack_carries_history_and_remat_changes_nothing():
     ref, ref_history = unrolled.apply(unstack_layer_params(params, 3), x, History.empty(x, 3))
     np.testing.assert_allclose(out, ref, atol=1e-6)
     np.testing.assert_array_equal(history.count, ref_history.count)
-    for a, b in zip(history.to_list(), ref_history.to_list()):
+    for a, b in zip(history.to_list(), ref_history.to_list(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    grads = [jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params) for m in (scanned, remat)]
-    for a, b in zip(*map(jax.tree.leaves, grads)):
+    grads = [_squared_norm_grad(m, params, x) for m in (scanned, remat)]
+    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _squared_norm_grad(model, params, x):
+    return jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(params)
 
 
 def test_vmap_over_examples_matches_the_batch():

@@ -26,7 +26,7 @@ def _manual(model: MHCSequential, x: torch.Tensor) -> tuple[torch.Tensor, list[t
     """The SPEC's loop, with each skip called on its own."""
     h = model.max_history
     window = [x]
-    for layer, skip in zip(model.wrapped_modules, model.skip_layers):
+    for layer, skip in zip(model.wrapped_modules, model.skip_layers, strict=True):
         x = skip(layer(x), window[-h:])
         window.append(x)
     return x, window[-h:]
@@ -40,7 +40,7 @@ def test_stack_is_the_spec_loop_and_records_the_window(mode):
     expected, window = _manual(model, x)
     torch.testing.assert_close(out, expected)
     assert len(model.history_buffer) == 3
-    for got, want in zip(model.history_buffer.get(), window):
+    for got, want in zip(model.history_buffer.get(), window, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -85,7 +85,7 @@ def test_checkpointing_gives_the_same_gradients():
     noise = torch.distributions.Gumbel(0.0, 1.0).sample((5, 4))
     for m in (plain, checkpointed):
         m(x, gumbel_noise=noise).square().sum().backward()
-    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
 
 
