@@ -21,29 +21,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["History", "check_max_history", "slot_weights"]
+__all__ = ["History", "check_max_history"]
 
 
 def check_max_history(max_history) -> None:
     """Raise ``ValueError`` unless ``max_history`` is an int >= 1."""
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
         raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
-
-
-def slot_weights(window_weights: jax.Array, count: jax.Array) -> jax.Array:
-    """Reorder window-ordered weights into ring-slot order.
-
-    ``window_weights[..., j]`` belongs to the state ``H - 1 - j`` pushes before
-    the latest (the last entry, like the last logit, is the latest state's).
-    With ``count`` states pushed, the result ``w[..., s]`` is the weight of the
-    state in slot ``s``. Weights beyond the window must already be 0.
-    ``count`` broadcasts against the leading axes (one count per row).
-    """
-    h = window_weights.shape[-1]
-    count = jnp.asarray(count, jnp.int32)[..., None]
-    slots = jnp.arange(h, dtype=jnp.int32).reshape((1,) * (count.ndim - 1) + (h,))
-    age = (count - 1 - slots) % h
-    return jnp.take_along_axis(window_weights, h - 1 - age, axis=-1)
 
 
 class History(NamedTuple):
@@ -117,8 +101,16 @@ class History(NamedTuple):
         return jnp.where(self.count > 0, latest, jnp.zeros_like(latest))
 
     def slot_weights(self, window_weights: jax.Array) -> jax.Array:
-        """Reorder window-ordered weights into ring-slot order (see :func:`slot_weights`)."""
-        return slot_weights(window_weights, self.count)
+        """Reorder window-ordered weights into ring-slot order.
+
+        ``window_weights[j]`` belongs to the state ``H - 1 - j`` pushes before
+        the latest (the last entry, like the last logit, is the latest state's).
+        The result ``w[s]`` is the weight of the state in slot ``s``. Weights
+        beyond the window must already be 0.
+        """
+        h = self.max_history
+        age = (self.count - 1 - jnp.arange(h, dtype=jnp.int32)) % h
+        return jnp.take(window_weights, h - 1 - age, axis=-1)
 
     def to_list(self) -> list[jax.Array]:
         """The window ``[h_1, ..., h_K]``, oldest first, for inspection outside ``jit``."""

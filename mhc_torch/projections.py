@@ -176,10 +176,8 @@ def project_identity_preserving(
     check_epsilon(epsilon)
     check_base(base)
     project = project_simplex if base == "simplex" else project_softmax
-    alpha = project(logits, temperature)
-    latest = torch.zeros(alpha.shape[-1], dtype=alpha.dtype, device=alpha.device)
-    latest[-1] = 1
-    return (1 - epsilon) * alpha + epsilon * latest
+    scaled = (1 - epsilon) * project(logits, temperature)
+    return torch.cat([scaled[..., :-1], scaled[..., -1:] + epsilon], dim=-1)
 
 
 def project_doubly_stochastic(

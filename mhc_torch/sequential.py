@@ -145,7 +145,10 @@ class MHCSequential(nn.Module):
         if self.clear_history_each_forward:
             self.history_buffer.clear()
         self.history_buffer.append(x)
-        weights = self.layer_weights(len(self.history_buffer), gumbel_noise=gumbel_noise, device=x.device)
+        if self.skip_layers[0].mode == "residual":  # x + h_K: no weights to compute
+            weights = [None] * len(self.skip_layers)
+        else:
+            weights = self.layer_weights(len(self.history_buffer), gumbel_noise=gumbel_noise, device=x.device)
         for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights, strict=True):
             window = self.history_buffer.get()
             if self.use_checkpointing and torch.is_grad_enabled():
@@ -162,6 +165,6 @@ class MHCSequential(nn.Module):
         )
 
 
-def _layer(module: nn.Module, skip: MHCSkip, x: torch.Tensor, weights: torch.Tensor, *window: torch.Tensor):
+def _layer(module: nn.Module, skip: MHCSkip, x: torch.Tensor, weights: torch.Tensor | None, *window: torch.Tensor):
     # One layer as a function of tensors, so torch.utils.checkpoint can replay it.
     return skip(module(x), list(window), weights=weights)
