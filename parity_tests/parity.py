@@ -12,8 +12,8 @@ TOLERANCES = {
     ("skip", "gpu"): 1e-5,
     ("stack", "cpu"): 1e-5,  # relative to max(1, |value|)
     ("stack", "gpu"): 1e-4,
-    # Stacks of layers each framework computes with its own kernels (erf GELU,
-    # LayerNorm), a few ulp apart even alone: not this library's arithmetic.
+    # Stacks of layers each framework computes with its own kernels (tanh, erf
+    # GELU, LayerNorm), a few ulp apart even alone: not this library's arithmetic.
     ("kernel", "cpu"): 1e-4,
     ("kernel", "gpu"): 1e-3,
 }

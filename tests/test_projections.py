@@ -147,8 +147,12 @@ def test_sinkhorn_is_finite_for_extreme_inputs(backend, m, tau):
 # --- Sinkhorn ------------------------------------------------------------------------------
 
 
-@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), tau=temperatures(0.5, 10.0))
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), tau=temperatures(1.0, 10.0))
 def test_sinkhorn_rows_and_columns_sum_to_one(backend, seed, n, tau):
+    # Sinkhorn contracts at rate ((sqrt(t) - 1) / (sqrt(t) + 1))^2, t the largest
+    # cross-ratio of exp(M / tau). With |M / tau| <= 1, t <= e^4 and 20 sweeps
+    # shrink the column error below ~2e-5. (At |M / tau| <= 2 the rate is ~0.93
+    # and 20 sweeps are not enough: test_sinkhorn_converges_with_more_iterations.)
     m = np.random.default_rng(seed).uniform(-1, 1, (2, n, n)).astype(np.float32)
     p = _project(backend, "project_doubly_stochastic", m, temperature=tau)
     assert (p >= 0).all()
