@@ -32,6 +32,7 @@ from torch import nn
 
 import mhc_jax
 import mhc_torch
+from tests.backends import flax_options
 
 WIDTH = 4  # features (channels for "conv")
 LAYER_NORM_EPS = 1e-2
@@ -88,9 +89,7 @@ def torch_stack(kind: str, depth: int, options: dict) -> mhc_torch.MHCSequential
 
 def flax_stack(kind: str, depth: int, options: dict, *, scan: bool = False) -> mhc_jax.MHCSequential:
     """The same stack in Flax (torch option names: ``init`` becomes ``mixing_init``)."""
-    options = {("mixing_init" if k == "init" else k): v for k, v in options.items()}
-    options.pop("clear_history_each_forward", None)
-    options.pop("use_checkpointing", None)
+    options = flax_options(options)
     if scan:
         return mhc_jax.MHCSequential.scanned(flax_layer(kind), depth, **options)
     return mhc_jax.MHCSequential([flax_layer(kind) for _ in range(depth)], **options)

@@ -41,6 +41,19 @@ def to_channels_first(a: np.ndarray) -> np.ndarray:
     return np.moveaxis(a, -1, 1) if a.ndim >= 4 else a
 
 
+#: torch-only stack options, with no Flax counterpart (history is never carried
+#: implicitly in Flax; checkpointing is ``scan=True, remat=True`` there).
+TORCH_ONLY_OPTIONS = ("clear_history_each_forward", "use_checkpointing")
+
+
+def flax_options(options: dict) -> dict:
+    """torch-style skip/stack options as Flax fields: ``init`` is ``mixing_init``
+    (Linen reserves ``Module.init``); torch-only options are dropped."""
+    return {
+        ("mixing_init" if k == "init" else k): v for k, v in options.items() if k not in TORCH_ONLY_OPTIONS
+    }
+
+
 def skip_params_to_flax(params: dict[str, np.ndarray]) -> dict:
     """MHCSkip parameters in torch ``state_dict`` naming to a Flax variable tree."""
     tree = {}
@@ -102,7 +115,7 @@ class JaxBackend:
 
     def fresh_skip_params(self, options: dict, x: np.ndarray, states: Sequence[np.ndarray]) -> dict:
         """The parameters of a freshly initialised ``MHCSkip``, in torch naming."""
-        options = {("mixing_init" if k == "init" else k): v for k, v in options.items()}
+        options = flax_options(options)
         arrays = [self.array(to_channels_last(a)) for a in (x, *states)]
         variables = mhc_jax.MHCSkip(**options).init(jax.random.key(0), arrays[0], arrays[1:])
         return skip_params_from_flax(variables)
@@ -127,7 +140,7 @@ class JaxBackend:
         ``sum(out * cotangent)``: ``"x"``, ``"states"`` (a list) and one entry per
         parameter, in torch naming.
         """
-        options = {("mixing_init" if k == "init" else k): v for k, v in options.items()}
+        options = flax_options(options)
         skip = mhc_jax.MHCSkip(**options)
         variables = jax.device_put(skip_params_to_flax(params), self._device)
         noise = None if gumbel_noise is None else self.array(gumbel_noise)
