@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .compat import mhc_compatible
 from .history import HistoryBuffer
-from .skip import MHCSkip, mixing_weights, sample_gumbel
+from .skip import MHCSkip, StackGradients, mixing_weights, sample_gumbel
 
 __all__ = ["MHCSequential"]
 
@@ -149,12 +149,21 @@ class MHCSequential(nn.Module):
             weights = [None] * len(self.skip_layers)
         else:
             weights = self.layer_weights(len(self.history_buffer), gumbel_noise=gumbel_noise, device=x.device)
-        for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights, strict=True):
-            window = self.history_buffer.get()
-            if self.use_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(_layer, module, skip, x, w, *window, use_reentrant=False)
-            else:
-                x = _layer(module, skip, x, w, *window)
+        if self.use_checkpointing and torch.is_grad_enabled():
+            for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights, strict=True):
+                x = checkpoint(_layer, module, skip, x, w, *self.history_buffer.get(), use_reentrant=False)
+                self.history_buffer.append(x)
+            return x
+        # Layer l's window ends at x_l (x_0 the input); states carried over
+        # from an earlier call get negative indices (see StackGradients).
+        # torch.compile traces its own backward, so it gets the plain one.
+        stack = None if torch.compiler.is_compiling() else StackGradients()
+        h = self.max_history
+        if weights[0] is not None:  # one split into 0-d tensors, not one per layer
+            flat = weights.to(x.dtype).reshape(-1).unbind()
+            weights = [flat[i : i + h] for i in range(0, len(flat), h)]
+        for layer, (module, skip, w) in enumerate(zip(self.wrapped_modules, self.skip_layers, weights, strict=True)):
+            x = skip(module(x), self.history_buffer.get(), weights=w, _stack=None if stack is None else (stack, layer))
             self.history_buffer.append(x)
         return x
 

@@ -227,50 +227,133 @@ def sample_gumbel(shape, *, device=None, dtype=torch.float32, generator=None) ->
     return -noise.exponential_(generator=generator).log()
 
 
+class StackGradients:
+    r"""Sums each state's history-path gradient before autograd sees it.
+
+    In a stack, state ``x_j`` sits in the windows of layers ``j .. j+H-1``, so
+    plain autograd would receive ``H`` scaled copies ``w g`` of those layers'
+    gradients and add them one at a time: ``H`` fresh tensors and ``H - 1``
+    additions per state. Here the older layers add their term into one pending
+    tensor for ``x_j`` instead, and layer ``j`` (where ``x_j`` is the latest
+    state) hands autograd the finished sum
+
+    .. math:: \frac{\partial L}{\partial x_j}\Big|_{\text{mix}}
+              = \sum_{m=j}^{j+H-1} w^{(m)}_{x_j}\, g_m .
+
+    Layer ``j``'s backward always runs after theirs: its mix produced
+    ``x_{j+1}``, which every one of layers ``j+1 .. j+H-1`` reads, and autograd
+    runs a node only once all consumers of its output are done. So a state's
+    gradient (``.grad``, hooks, ``torch.autograd.grad``) is the same as without
+    this, at one allocation per state instead of ``H``.
+
+    A state gets its plain per-layer gradient instead when it was carried
+    over from an earlier call, converted or projected by a skip
+    (``auto_project``), or its own layer did not take the sum over. Pending
+    sums are kept per backward pass (graph task), so a second pass over a
+    retained graph, or a pass cut short by ``inputs=``, never mixes with
+    another. One instance serves one forward of :class:`MHCSequential`.
+    """
+
+    def __init__(self) -> None:
+        self._finishers: set[int] = set()
+        self._pending: dict[int, dict[int, torch.Tensor]] = {}
+
+    def routes(self, layer: int, states: Sequence[torch.Tensor], window: Sequence[torch.Tensor]) -> tuple:
+        """Forward pass of layer ``layer``, window ``x_{layer-K+1} .. x_layer``
+        (``window`` as stored, ``states`` as mixed): per state the index its
+        gradient is summed under, or None for a plain gradient."""
+        routes = []
+        for j, state, stored in zip(range(layer - len(states) + 1, layer + 1), states, window, strict=True):
+            if state is not stored or j < 0:
+                routes.append(None)
+            elif j == layer:  # the last layer to read x_j: it hands over the sum
+                self._finishers.add(j)
+                routes.append(j)
+            else:
+                routes.append(j if j in self._finishers else None)
+        return tuple(routes)
+
+    def state_grads(self, g, layer, routes, weights, needs) -> list[torch.Tensor | None]:
+        """Backward pass of layer ``layer``: the gradients to hand autograd for its window."""
+        task = torch._C._current_graph_task_id()
+        pending = self._pending.setdefault(task, {})
+        grads: list[torch.Tensor | None] = [None] * len(weights)
+        for i, (j, w_k, need) in enumerate(zip(routes, weights, needs, strict=True)):
+            if not need:
+                continue
+            if j is None:
+                grads[i] = g * w_k
+            elif j == layer:
+                acc = pending.pop(j, None)
+                grads[i] = g * w_k if acc is None else acc.addcmul_(g, w_k)
+            elif j in pending:
+                pending[j].addcmul_(g, w_k)
+            else:
+                pending[j] = g * w_k
+        if not pending:
+            del self._pending[task]
+        return grads
+
+
 class _Mix(torch.autograd.Function):
     """``y + sum_k w_k h_k`` with the least memory traffic eager PyTorch allows.
 
     In a deep stack the states come from cold cache, so what costs is how
     often they are read or written. Forward reads each state once (a chain of
     fused ``addcmul_``) and saves them by reference (no stacked copy);
-    backward passes ``dL/dy`` through uncopied, reads each state once more for
-    ``dL/dw_k = <h_k, g>`` and writes ``dL/dh_k = w_k g`` in one fused
-    ``_foreach_mul``. Against autograd through K multiply-adds (or a stacked
-    GEMV) this took a 50-layer stack from ~1.4x to ~1.25x a plain residual.
+    backward passes ``dL/dy`` through uncopied and reads each state once more
+    for ``dL/dw_k = <h_k, g>``. ``dL/dh_k = w_k g`` goes either straight to
+    autograd or, inside a stack, through :class:`StackGradients`. The weights
+    come as separate 0-d tensors, so no unbind or stack per layer.
 
-    The classic ``forward(ctx, ...)`` form: with ``setup_context`` every call
-    re-binds its arguments through ``inspect.signature`` (~5% of a step).
+    Inputs: ``y, stack, (layer, routes), w_1 .. w_K, h_1 .. h_K`` (``stack`` a
+    :class:`StackGradients` or None, see :meth:`StackGradients.routes`). The classic ``forward(ctx, ...)`` form:
+    with ``setup_context`` every call re-binds its arguments through
+    ``inspect.signature`` (~5% of a step).
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, w: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
-        weights = w.unbind()
+    def forward(ctx, y: torch.Tensor, stack, routes, *weights_and_states: torch.Tensor) -> torch.Tensor:
+        k = len(weights_and_states) // 2
+        weights, states = weights_and_states[:k], weights_and_states[k:]
         out = torch.addcmul(y, states[0], weights[0])
         for h, w_k in zip(states[1:], weights[1:], strict=True):
             out.addcmul_(h, w_k)
-        ctx.save_for_backward(w, *states)
+        ctx.save_for_backward(*weights_and_states)
+        ctx.stack, ctx.routes = stack, routes
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        w, *states = ctx.saved_tensors
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            flat = g.reshape(-1)
-            grad_w = torch.stack([torch.dot(h.reshape(-1), flat) for h in states])
-        return (g, grad_w, *torch._foreach_mul([g] * len(states), w.unbind()))
+        saved = ctx.saved_tensors
+        k = len(saved) // 2
+        weights, states = saved[:k], saved[k:]
+        needs = ctx.needs_input_grad[3:]
+        flat = g.reshape(-1)
+        grad_w = [torch.dot(h.reshape(-1), flat) if need else None for h, need in zip(states, needs[:k], strict=True)]
+        if ctx.stack is not None and not torch.is_grad_enabled():
+            grad_h = ctx.stack.state_grads(g, *ctx.routes, weights, needs[k:])
+        else:  # standalone skip, or create_graph=True (keep it differentiable)
+            grad_h = torch._foreach_mul([g] * k, list(weights))
+        return (g, None, None, *grad_w, *grad_h)
 
 
-def _mix(y: torch.Tensor, weights: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``y + sum_k weights[k] * states[k]``; no Python branch on a value (no host sync)."""
+def _mix(
+    y: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    states: Sequence[torch.Tensor],
+    stack: StackGradients | None = None,
+    routes: tuple | None = None,
+) -> torch.Tensor:
+    """``y + sum_k weights[k] * states[k]`` (``weights`` 0-d tensors); no host sync."""
     if torch._C._are_functorch_transforms_active():
         # torch.func (vmap, grad, ...) cannot transform a classic Function;
         # the same sum written with plain ops can.
         out = y
-        for k, h in enumerate(states):
-            out = out + weights[k] * h
+        for w_k, h in zip(weights, states, strict=True):
+            out = out + w_k * h
         return out
-    return _Mix.apply(y, weights, *states)
+    return _Mix.apply(y, stack, routes, *weights, *states)
 
 
 def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:
@@ -416,7 +499,8 @@ class MHCSkip(nn.Module):
         history: Sequence[torch.Tensor] | HistoryBuffer | None = None,
         *,
         gumbel_noise: torch.Tensor | None = None,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        _stack: tuple[StackGradients, int] | None = None,
     ) -> torch.Tensor:
         """Mix the window into ``x``.
 
@@ -425,8 +509,12 @@ class MHCSkip(nn.Module):
             history: a list of tensors (oldest first), a :class:`HistoryBuffer`, or None.
             gumbel_noise: optional ``(H,)`` noise aligned with ``mixing_logits``,
                 used instead of sampling (for reproducible tests).
-            weights: optional precomputed ``(H,)`` output of :meth:`mixing_weights`
-                for this window (``MHCSequential`` projects every layer at once).
+            weights: optional precomputed output of :meth:`mixing_weights` for
+                this window: the ``(H,)`` tensor, or its ``H`` entries as 0-d
+                tensors in ``x``'s dtype (how ``MHCSequential``, which projects
+                every layer at once, passes them).
+            _stack: ``MHCSequential``'s gradient accumulator and this layer's
+                index (internal).
         Returns:
             ``x + g * sum_k alpha_k h_k``, the shape and dtype of ``x``.
         """
@@ -434,21 +522,28 @@ class MHCSkip(nn.Module):
             history = []
         elif isinstance(history, HistoryBuffer):
             history = history.get()
-        states = self._match_shape(x, list(history)[-self.max_history :])
-        self.last_num_states = len(states)
+        window = list(history)[-self.max_history :]
+        states = self._match_shape(x, window)
+        k = len(states)
+        if self.last_num_states != k:  # nn.Module.__setattr__ is slow on the hot path
+            self.last_num_states = k
         if not states:
             return x
         if self.mode == "residual":
             return x + states[-1]
-        k = len(states)
         if weights is None:
             weights = self.mixing_weights(k, gumbel_noise=gumbel_noise)
-        if k < self.max_history:
-            weights = weights[self.max_history - k :]
-        return _mix(x, weights.to(x.dtype), states)
+        if isinstance(weights, torch.Tensor):
+            weights = weights.to(x.dtype).unbind()
+        if _stack is None:
+            return _mix(x, weights[self.max_history - k :], states)
+        stack, layer = _stack
+        return _mix(x, weights[self.max_history - k :], states, stack, (layer, stack.routes(layer, states, window)))
 
     def _match_shape(self, x: torch.Tensor, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Check each state's shape against ``x``; auto-project the feature axis if allowed."""
+        if all(h.shape == x.shape and h.dtype == x.dtype for h in states):
+            return states
         out = []
         axis = feature_axis(x)
         for i, h in enumerate(states):
