@@ -34,7 +34,10 @@ class MHCSequential(nn.Module):
     ``skip_layers.{i}.mixing_logits`` (``.gate_logit`` with gating).
 
     Each forward projects all layers' logits in one batched call (rather than
-    one small sort per layer) and never reads a tensor value on the host.
+    one small sort per layer) and never reads a tensor value on the host. Its
+    backward sums each state's history gradient once, in the layer that read
+    it last, instead of handing autograd ``H`` copies (:class:`StackGradients`);
+    gradients, hooks and ``torch.autograd.grad`` on states are unchanged.
 
     Args:
         modules: the layers ``f_1 .. f_L`` (at least one).
