@@ -159,10 +159,11 @@ class MHCSequential(nn.Module):
             return x
         # Layer l's window ends at x_l (x_0 the input); states carried over
         # from an earlier call get negative indices (see StackGradients).
-        # torch.compile traces its own backward, so it gets the plain one.
-        stack = None if torch.compiler.is_compiling() else StackGradients()
+        # torch.compile traces its own backward, so it gets the plain one;
+        # without grad mode there is no backward to prepare for.
+        stack = None if torch.compiler.is_compiling() or not torch.is_grad_enabled() else StackGradients()
         h = self.max_history
-        if weights[0] is not None:  # one split into 0-d tensors, not one per layer
+        if isinstance(weights, torch.Tensor):  # one split into 0-d tensors, not one per layer
             flat = weights.to(x.dtype).reshape(-1).unbind()
             weights = [flat[i : i + h] for i in range(0, len(flat), h)]
         for layer, (module, skip, w) in enumerate(zip(self.wrapped_modules, self.skip_layers, weights, strict=True)):
