@@ -16,8 +16,11 @@ the same layer definitions (JAX).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from torch import nn
 
 import mhc_jax
 import mhc_torch
+from mhc_torch import _native
 
 DEPTH, WIDTH, BATCH, H = 50, 256, 128, 4
 TARGETS = {"torch eager": 1.25, "jax unrolled (jit)": 1.15, "jax scanned (jit)": 1.5}
@@ -217,6 +221,32 @@ def torch_peak_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 # --- report -------------------------------------------------------------------------------
 
 
+def kernel_name() -> str:
+    kernel = _native.native_kernel()
+    if kernel is None:
+        return "Python (the C++ kernel is not built)"
+    return "C++" + (" with fused CPU loops" if kernel._fused_loops() else " (ATen ops)")
+
+
+def torch_rows(x: torch.Tensor, pairs: int) -> None:
+    """Eager torch, with the C++ mixing kernel (the default) and the Python one."""
+    mhc, residual = (m.to(x.device) for m in torch_models())
+    print(row("torch eager", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
+    kernel = _native.native_kernel()
+    if kernel is not None:
+        _native._loaded[_native._NAME] = None  # as with MHC_TORCH_NATIVE=0
+        try:
+            print(row("torch eager, Python kernel", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
+        finally:
+            _native._loaded[_native._NAME] = kernel
+
+
+# glibc returns freed blocks above these sizes to the OS; the next allocation
+# then pays page faults again. Raised, freed memory stays in the process
+# (what jemalloc and tcmalloc do by default).
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
 def row(name: str, m: dict) -> str:
     target = TARGETS.get(name)
     verdict = "" if target is None else ("meets" if m["ratio"] <= target else "MISSES") + f" <= {target:.2f}x"
@@ -231,24 +261,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer pairs, no torch.compile")
     parser.add_argument("--pairs", type=int, default=None, help="step pairs per ratio (default 60, quick 15)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--torch-rows", action="store_true", help="print only the eager torch rows")
     args = parser.parse_args()
     pairs = args.pairs or (15 if args.quick else 60)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.torch_rows:
+        torch_rows(torch.randn(BATCH, WIDTH, device=device), pairs)
+        return
 
     print(f"# mhc benchmark: depth {DEPTH}, width {WIDTH}, batch {BATCH}, H = {H}, f = GELU(Linear)")
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__} ({device}), jax {jax.__version__} ({jax.default_backend()}), "
-        f"{pairs} step pairs per ratio\n"
+        f"{pairs} step pairs per ratio, torch mixing kernel: {kernel_name()}\n"
     )
     print("## training step (forward + backward), MHCSequential over a plain residual stack\n")
     print("| stack | residual ms | mhc ms | ratio (IQR) | target |")
     print("| --- | ---: | ---: | --- | --- |")
 
     x = torch.randn(BATCH, WIDTH, device=device)
+    torch_rows(x, pairs)
     mhc, residual = (m.to(device) for m in torch_models())
-    print(row("torch eager", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
     if not (args.quick or args.no_compile):
         compiled_mhc, compiled_res = torch.compile(mhc), torch.compile(residual)
         print(row("torch.compile", paired_ratio(torch_step(compiled_res, x), torch_step(compiled_mhc, x), pairs)), flush=True)
@@ -267,6 +301,17 @@ def main() -> None:
         ("jax scanned (jit)", scanned, JaxScannedResidual(DEPTH)),
     ):
         print(row(name, paired_ratio(jax_step(base, xj)[0], jax_step(model, xj)[0], pairs)), flush=True)
+
+    if device == "cpu" and platform.system() == "Linux":
+        print(
+            "\n## eager torch again, with glibc keeping freed memory\n\n"
+            + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items())
+            + " (a fresh process; see the README)\n"
+        )
+        print("| stack | residual ms | mhc ms | ratio (IQR) | target |")
+        print("| --- | ---: | ---: | --- | --- |", flush=True)
+        command = [sys.executable, __file__, "--torch-rows", "--pairs", str(pairs)]
+        subprocess.run(command, env={**os.environ, **KEEP_FREED_MEMORY}, check=True)
 
     print("\n## compile time of the jitted training step (seconds)\n")
     print("| depth | scanned mhc | unrolled mhc |")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._native import native_kernel
 from .compat import mhc_compatible
 from .history import HistoryBuffer, check_max_history
 from .projections import (
@@ -252,11 +253,16 @@ class StackGradients:
     sums are kept per backward pass (graph task), so a second pass over a
     retained graph, or a pass cut short by ``inputs=``, never mixes with
     another. One instance serves one forward of :class:`MHCSequential`.
+
+    With the C++ kernel (``_native.py``) the pending sums live in its
+    ``StackSums`` (``native``) and this class only assigns the routes.
     """
 
     def __init__(self) -> None:
         self._finishers: set[int] = set()
         self._pending: dict[int, dict[int, torch.Tensor]] = {}
+        kernel = native_kernel()
+        self.native = None if kernel is None else kernel.StackSums()
 
     def routes(self, layer: int, states: Sequence[torch.Tensor], window: Sequence[torch.Tensor]) -> tuple:
         """Forward pass of layer ``layer``, window ``x_{layer-K+1} .. x_layer``
@@ -345,7 +351,10 @@ def _mix(
     stack: StackGradients | None = None,
     routes: tuple | None = None,
 ) -> torch.Tensor:
-    """``y + sum_k weights[k] * states[k]`` (``weights`` 0-d tensors); no host sync."""
+    """``y + sum_k weights[k] * states[k]`` (``weights`` 0-d tensors); no host sync.
+
+    Runs the C++ node when it is built (see ``_native.py``), else ``_Mix``.
+    """
     if torch._C._are_functorch_transforms_active():
         # torch.func (vmap, grad, ...) cannot transform a classic Function;
         # the same sum written with plain ops can.
@@ -353,7 +362,19 @@ def _mix(
         for w_k, h in zip(weights, states, strict=True):
             out = out + w_k * h
         return out
+    if stack is None:
+        # Dynamo and the JIT tracer record Python-level ops; a pybind call
+        # would be opaque to them (a silent constant in a trace).
+        kernel = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else native_kernel()
+        if kernel is not None:
+            return kernel.mix(y, weights, states, None, 0, ())
+    elif stack.native is not None and not torch.jit.is_tracing():  # no stack at all while compiling
+        layer, routes = routes
+        return native_kernel().mix(y, weights, states, stack.native, layer, [_PLAIN if j is None else j for j in routes])
     return _Mix.apply(y, stack, routes, *weights, *states)
+
+
+_PLAIN = -1  # csrc/mix.cpp's route for a state whose gradient goes straight to autograd
 
 
 def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:

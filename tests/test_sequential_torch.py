@@ -9,6 +9,9 @@ from torch import nn
 from mhc_torch import HistoryBuffer, MHCSequential
 from tests.test_skip_torch import _forbid_host_sync
 
+# Every test here runs with the C++ mixing kernel and with the Python one.
+pytestmark = pytest.mark.usefixtures("mix_kernel")
+
 WIDTH = 6
 
 
