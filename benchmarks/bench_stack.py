@@ -8,6 +8,11 @@ Every ratio is measured in one run, alternating single training steps
 ratios, so a slow spell of a shared machine hits both sides alike. A step is
 forward + backward of ``mean(out^2)`` with respect to every parameter.
 
+Eager torch is also timed with each stack alone in a fresh process, with
+glibc's default allocator settings and with freed memory kept in the process:
+alternating steps share one heap, and with the defaults the page faults one
+stack's frees cause can land on the other's step.
+
 Setup: depth 50, width 256, batch 128, H = 4, each layer ``f = GELU(Linear)``;
 the residual baseline ``x + f(x)`` uses the very same layer objects (torch) or
 the same layer definitions (JAX).
@@ -245,6 +250,38 @@ def torch_rows(x: torch.Tensor, pairs: int) -> None:
 # then pays page faults again. Raised, freed memory stays in the process
 # (what jemalloc and tcmalloc do by default).
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+ALONE = ("residual", "mhc", "mhc, Python kernel")
+
+
+def alone_ms(which: str, steps: int) -> float:
+    """Median step time (ms) of one eager torch stack with the process to itself."""
+    mhc, residual = torch_models()
+    if which == "mhc, Python kernel":
+        _native._loaded[_native._NAME] = None
+    step = torch_step(residual if which == "residual" else mhc, torch.randn(BATCH, WIDTH))
+    for _ in range(5):
+        step()
+    return 1e3 * statistics.median(_once(step) for _ in range(steps))
+
+
+def alone_rows(rounds: int, steps: int) -> None:
+    """Eager torch stacks, each in a fresh process, so no stack runs on a heap
+    the other left behind; with glibc's defaults and with freed memory kept."""
+    print("| allocator | residual ms | mhc ms | ratio | mhc ms, Python kernel | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    for name, extra in (("glibc defaults", {}), ("glibc keeping freed memory", KEEP_FREED_MEMORY)):
+        times = {which: [] for which in ALONE}
+        for _ in range(rounds):  # round-robin, so a slow spell hits every stack
+            for which in ALONE:
+                command = [sys.executable, __file__, "--alone", which, "--steps", str(steps)]
+                done = subprocess.run(command, env={**os.environ, **extra}, capture_output=True, text=True, check=True)
+                times[which].append(float(done.stdout.split()[-1]))
+        base = times["residual"]
+        cells = [f"{statistics.median(base):.2f}"]
+        for which in ALONE[1:]:
+            ratio = statistics.median(c / b for c, b in zip(times[which], base, strict=True))
+            cells += [f"{statistics.median(times[which]):.2f}", f"{ratio:.3f}x"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def row(name: str, m: dict) -> str:
@@ -261,13 +298,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer pairs, no torch.compile")
     parser.add_argument("--pairs", type=int, default=None, help="step pairs per ratio (default 60, quick 15)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--torch-rows", action="store_true", help="print only the eager torch rows")
+    parser.add_argument("--alone", choices=ALONE, help=argparse.SUPPRESS)  # one stack, for alone_rows
+    parser.add_argument("--steps", type=int, default=30, help=argparse.SUPPRESS)
     args = parser.parse_args()
     pairs = args.pairs or (15 if args.quick else 60)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.torch_rows:
-        torch_rows(torch.randn(BATCH, WIDTH, device=device), pairs)
+    if args.alone:
+        print(alone_ms(args.alone, args.steps))
         return
 
     print(f"# mhc benchmark: depth {DEPTH}, width {WIDTH}, batch {BATCH}, H = {H}, f = GELU(Linear)")
@@ -304,14 +342,12 @@ def main() -> None:
 
     if device == "cpu" and platform.system() == "Linux":
         print(
-            "\n## eager torch again, with glibc keeping freed memory\n\n"
-            + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items())
-            + " (a fresh process; see the README)\n"
+            "\n## eager torch, each stack alone in a fresh process (median of 3 rounds)\n\n"
+            "Alternating steps share one heap: with glibc's defaults, memory one stack frees and glibc\n"
+            "returns to the OS costs page faults in the next step, whichever stack runs it. Kept freed\n"
+            "memory: " + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ".\n"
         )
-        print("| stack | residual ms | mhc ms | ratio (IQR) | target |")
-        print("| --- | ---: | ---: | --- | --- |", flush=True)
-        command = [sys.executable, __file__, "--torch-rows", "--pairs", str(pairs)]
-        subprocess.run(command, env={**os.environ, **KEEP_FREED_MEMORY}, check=True)
+        alone_rows(rounds=3, steps=30 if not args.quick else 10)
 
     print("\n## compile time of the jitted training step (seconds)\n")
     print("| depth | scanned mhc | unrolled mhc |")
