@@ -342,12 +342,12 @@ def main() -> None:
 
     if device == "cpu" and platform.system() == "Linux":
         print(
-            "\n## eager torch, each stack alone in a fresh process (median of 3 rounds)\n\n"
+            "\n## eager torch, each stack alone in a fresh process (median of 5 rounds)\n\n"
             "Alternating steps share one heap: with glibc's defaults, memory one stack frees and glibc\n"
             "returns to the OS costs page faults in the next step, whichever stack runs it. Kept freed\n"
             "memory: " + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ".\n"
         )
-        alone_rows(rounds=3, steps=30 if not args.quick else 10)
+        alone_rows(rounds=5 if not args.quick else 2, steps=30 if not args.quick else 10)
 
     print("\n## compile time of the jitted training step (seconds)\n")
     print("| depth | scanned mhc | unrolled mhc |")
