@@ -148,7 +148,8 @@ class MHCSequential(nn.Module):
         if self.clear_history_each_forward:
             self.history_buffer.clear()
         self.history_buffer.append(x)
-        if self.skip_layers[0].mode == "residual":  # x + h_K: no weights to compute
+        residual = self.skip_layers[0].mode == "residual"
+        if residual:  # x + h_K: no weights to compute
             weights = [None] * len(self.skip_layers)
         else:
             weights = self.layer_weights(len(self.history_buffer), gumbel_noise=gumbel_noise, device=x.device)
@@ -161,7 +162,9 @@ class MHCSequential(nn.Module):
         # from an earlier call get negative indices (see StackGradients).
         # torch.compile traces its own backward, so it gets the plain one;
         # without grad mode there is no backward to prepare for.
-        stack = None if torch.compiler.is_compiling() or not torch.is_grad_enabled() else StackGradients()
+        # Residual mode never mixes, so it has nothing to sum either.
+        plain = residual or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+        stack = None if plain else StackGradients()
         h = self.max_history
         if isinstance(weights, torch.Tensor):  # one split into 0-d tensors, not one per layer
             flat = weights.to(x.dtype).reshape(-1).unbind()

@@ -258,26 +258,30 @@ class StackGradients:
     ``StackSums`` (``native``) and this class only assigns the routes.
     """
 
+    #: The route of a state whose gradient goes straight to autograd (state
+    #: indices are >= 0); ``kPlain`` in csrc/mix.cpp.
+    PLAIN = -1
+
     def __init__(self) -> None:
         self._finishers: set[int] = set()
         self._pending: dict[int, dict[int, torch.Tensor]] = {}
         kernel = native_kernel()
         self.native = None if kernel is None else kernel.StackSums()
 
-    def routes(self, layer: int, states: Sequence[torch.Tensor], window: Sequence[torch.Tensor]) -> tuple:
+    def routes(self, layer: int, states: Sequence[torch.Tensor], window: Sequence[torch.Tensor]) -> list[int]:
         """Forward pass of layer ``layer``, window ``x_{layer-K+1} .. x_layer``
         (``window`` as stored, ``states`` as mixed): per state the index its
-        gradient is summed under, or None for a plain gradient."""
+        gradient is summed under, or :attr:`PLAIN` for a plain gradient."""
         routes = []
         for j, state, stored in zip(range(layer - len(states) + 1, layer + 1), states, window, strict=True):
             if state is not stored or j < 0:
-                routes.append(None)
+                routes.append(self.PLAIN)
             elif j == layer:  # the last layer to read x_j: it hands over the sum
                 self._finishers.add(j)
                 routes.append(j)
             else:
-                routes.append(j if j in self._finishers else None)
-        return tuple(routes)
+                routes.append(j if j in self._finishers else self.PLAIN)
+        return routes
 
     def state_grads(self, g, layer, routes, weights, needs) -> list[torch.Tensor | None]:
         """Backward pass of layer ``layer``: the gradients to hand autograd for its window."""
@@ -287,7 +291,7 @@ class StackGradients:
         for i, (j, w_k, need) in enumerate(zip(routes, weights, needs, strict=True)):
             if not need:
                 continue
-            if j is None:
+            if j == self.PLAIN:
                 grads[i] = g * w_k
             elif j == layer:
                 acc = pending.pop(j, None)
@@ -362,19 +366,14 @@ def _mix(
         for w_k, h in zip(weights, states, strict=True):
             out = out + w_k * h
         return out
-    if stack is None:
-        # Dynamo and the JIT tracer record Python-level ops; a pybind call
-        # would be opaque to them (a silent constant in a trace).
-        kernel = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else native_kernel()
-        if kernel is not None:
-            return kernel.mix(y, weights, states, None, 0, ())
-    elif stack.native is not None and not torch.jit.is_tracing():  # no stack at all while compiling
-        layer, routes = routes
-        return native_kernel().mix(y, weights, states, stack.native, layer, [_PLAIN if j is None else j for j in routes])
+    # Dynamo and the JIT tracer record Python-level ops; a pybind call would
+    # be opaque to them (a silent constant in a trace).
+    kernel = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else native_kernel()
+    if kernel is not None and stack is None:
+        return kernel.mix(y, weights, states, None, 0, ())
+    if kernel is not None and stack.native is not None:
+        return kernel.mix(y, weights, states, stack.native, *routes)
     return _Mix.apply(y, stack, routes, *weights, *states)
-
-
-_PLAIN = -1  # csrc/mix.cpp's route for a state whose gradient goes straight to autograd
 
 
 def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:

@@ -166,3 +166,15 @@ def test_fake_tensors_never_reach_the_raw_loops():
         out = model(mode.from_tensor(torch.randn(3, 5)))
         out.sum().backward()
     assert out.shape == (3, 5)
+
+
+def test_residual_mode_never_asks_for_the_kernel(monkeypatch):
+    # It never mixes, so it must not pay for a build (or a StackSums).
+    from mhc_torch import skip
+
+    asked = []
+    monkeypatch.setattr(skip, "native_kernel", lambda: asked.append(True))
+    model = _stack(mode="residual")
+    x = torch.randn(3, 5, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and not asked

@@ -150,7 +150,8 @@ std::vector<T> values(const std::vector<at::Tensor>& ts) {
 
 using torch::autograd::SavedVariable;
 
-// routes[i] for a state whose gradient goes straight to autograd.
+// routes[i] for a state whose gradient goes straight to autograd
+// (StackGradients.PLAIN in skip.py).
 constexpr int64_t kPlain = -1;
 
 // Pending history-gradient sums of one stack forward, per backward pass
@@ -158,13 +159,6 @@ constexpr int64_t kPlain = -1;
 struct StackSums {
   std::mutex mutex;
   std::unordered_map<int, std::unordered_map<int64_t, at::Tensor>> pending;
-
-  size_t num_pending() {
-    std::lock_guard<std::mutex> lock(mutex);
-    size_t n = 0;
-    for (const auto& task : pending) n += task.second.size();
-    return n;
-  }
 };
 
 struct MixBackward : public Node {
@@ -328,11 +322,9 @@ at::Tensor mix(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mhc_torch's mixing kernel (see mhc_torch/_native.py)";
   py::class_<StackSums, std::shared_ptr<StackSums>>(m, "StackSums")
-      .def(py::init<>())
-      .def("num_pending", &StackSums::num_pending);
+      .def(py::init<>());
   m.def("mix", &mix, py::arg("y"), py::arg("weights"), py::arg("states"), py::arg("stack").none(true),
         py::arg("layer"), py::arg("routes"));
-  m.attr("PLAIN") = kPlain;
   // For side-by-side measurements (benchmarks/bench_stack.py) and tests.
   m.def("_fused_loops", []() { return g_fused_loops; });
   m.def("_set_fused_loops", [](bool on) { g_fused_loops = on; });
