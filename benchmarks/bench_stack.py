@@ -21,6 +21,7 @@ the same layer definitions (JAX).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -237,13 +238,9 @@ def torch_rows(x: torch.Tensor, pairs: int) -> None:
     """Eager torch, with the C++ mixing kernel (the default) and the Python one."""
     mhc, residual = (m.to(x.device) for m in torch_models())
     print(row("torch eager", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
-    kernel = _native.native_kernel()
-    if kernel is not None:
-        _native._loaded[_native._NAME] = None  # as with MHC_TORCH_NATIVE=0
-        try:
+    if _native.native_kernel() is not None:
+        with _native.python_kernel():
             print(row("torch eager, Python kernel", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
-        finally:
-            _native._loaded[_native._NAME] = kernel
 
 
 # glibc returns freed blocks above these sizes to the OS; the next allocation
@@ -256,12 +253,11 @@ ALONE = ("residual", "mhc", "mhc, Python kernel")
 def alone_ms(which: str, steps: int) -> float:
     """Median step time (ms) of one eager torch stack with the process to itself."""
     mhc, residual = torch_models()
-    if which == "mhc, Python kernel":
-        _native._loaded[_native._NAME] = None
     step = torch_step(residual if which == "residual" else mhc, torch.randn(BATCH, WIDTH))
-    for _ in range(5):
-        step()
-    return 1e3 * statistics.median(_once(step) for _ in range(steps))
+    with _native.python_kernel() if which == "mhc, Python kernel" else contextlib.nullcontext():
+        for _ in range(5):
+            step()
+        return 1e3 * statistics.median(_once(step) for _ in range(steps))
 
 
 def alone_rows(rounds: int, steps: int) -> None:

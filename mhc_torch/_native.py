@@ -20,8 +20,10 @@ says which one is in use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -55,6 +57,22 @@ def native_kernel() -> ModuleType | None:
             )
     _loaded[_NAME] = module
     return module
+
+
+@contextlib.contextmanager
+def python_kernel() -> Iterator[None]:
+    """Inside the block, skips mix with the Python node (as with
+    ``MHC_TORCH_NATIVE=0``): for side-by-side tests and benchmarks."""
+    missing = object()
+    saved = _loaded.get(_NAME, missing)
+    _loaded[_NAME] = None
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del _loaded[_NAME]
+        else:
+            _loaded[_NAME] = saved
 
 
 def _build() -> ModuleType:

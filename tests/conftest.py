@@ -10,12 +10,14 @@ def backend(request):
 
 
 @pytest.fixture(params=["native", "python"])
-def mix_kernel(request, monkeypatch):
+def mix_kernel(request):
     """Run a torch test with the C++ mixing kernel and again with the Python one."""
     from mhc_torch import _native
 
     if request.param == "python":
-        monkeypatch.setitem(_native._loaded, _native._NAME, None)
-    elif _native.native_kernel() is None:
+        with _native.python_kernel():
+            yield request.param
+        return
+    if _native.native_kernel() is None:
         pytest.skip("the C++ mixing kernel could not be built here (see the warning above)")
-    return request.param
+    yield request.param

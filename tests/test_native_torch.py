@@ -30,12 +30,6 @@ def _run(model, x):
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
-def _with_python_kernel(monkeypatch, fn):
-    with monkeypatch.context() as m:
-        m.setitem(_native._loaded, _native._NAME, None)
-        return fn()
-
-
 @pytest.fixture
 def kernel():
     k = _native.native_kernel()
@@ -55,13 +49,14 @@ def test_the_kernel_builds_wherever_there_is_a_compiler():
     [dict(mode="mhc"), dict(mode="hc", max_history=2), dict(mode="mhc", use_gating=True, max_history=6)],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_native_and_python_kernels_agree(kernel, monkeypatch, options, layout):
+def test_native_and_python_kernels_agree(kernel, options, layout):
     # contiguous float32 takes the fused loops (where built); a transposed
     # view takes the kernel's ATen path.
     model = _stack(**options)
     x = torch.randn(5, 3).T if layout == "transposed" else torch.randn(3, 5)
     got = _run(model, x)
-    want = _with_python_kernel(monkeypatch, lambda: _run(model, x))
+    with _native.python_kernel():
+        want = _run(model, x)
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
