@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _native
 from .history import History, check_max_history
 from .projections import (
     check_epsilon,
@@ -271,13 +272,19 @@ def mixing_weights(
 
 
 def weighted_sum(weights: jax.Array, states) -> jax.Array:
-    # An unrolled elementwise multiply-add over the (few) states: on XLA:CPU
-    # this ran within ~1.15x of a plain residual add, whereas einsum/tensordot
-    # over a stacked history ran 10-30x slower.
-    total = weights[0] * states[0]
-    for k in range(1, len(states)):
-        total = total + weights[k] * states[k]
-    return total
+    """``sum_k weights[k] * states[k]`` over a window (a list, or a stacked array).
+
+    A list of states of one shape and dtype (the weights cast to it) goes
+    through :func:`mhc_jax._native.mix`, whose weight gradient is one C++
+    custom call on CPU; anything else is the plain elementwise sum.
+    """
+    if isinstance(states, (list, tuple)) and states:
+        first = states[0]
+        if weights.dtype == first.dtype and all(
+            h.shape == first.shape and h.dtype == first.dtype for h in states
+        ):
+            return _native.mix(weights, states)
+    return _native.mix_reference(weights, *(states[k] for k in range(len(states))))
 
 
 class MHCSkip(nn.Module):
