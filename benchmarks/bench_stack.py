@@ -40,6 +40,7 @@ from torch import nn
 
 import mhc_jax
 import mhc_torch
+from mhc_jax import _native as jax_native
 from mhc_torch import _native
 
 DEPTH, WIDTH, BATCH, H = 50, 256, 128, 4
@@ -152,13 +153,16 @@ class JaxScannedResidual(fnn.Module):
 
 
 def jax_step(model: fnn.Module, x: jax.Array) -> tuple[Callable[[], None], Callable]:
+    """A jitted training step, compiled now (so the custom-call choice of the
+    moment, see ``jax_native.reference_kernel``, is the one it keeps)."""
     params = model.init(jax.random.key(0), x)
     grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
+    compiled = grad.lower(params, x).compile()
 
     def step():
-        jax.block_until_ready(grad(params, x))
+        jax.block_until_ready(compiled(params, x))
 
-    return step, grad, params
+    return step, compiled, params
 
 
 def compile_seconds(model: fnn.Module, x: jax.Array) -> float:
@@ -308,7 +312,8 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__} ({device}), jax {jax.__version__} ({jax.default_backend()}), "
-        f"{pairs} step pairs per ratio, torch mixing kernel: {kernel_name()}\n"
+        f"{pairs} step pairs per ratio, torch mixing kernel: {kernel_name()}, JAX weight gradients: "
+        f"{'C++ custom call' if jax_native.native_library() is not None else 'XLA reductions'}\n"
     )
     print("## training step (forward + backward), MHCSequential over a plain residual stack\n")
     print("| stack | residual ms | mhc ms | ratio (IQR) | target |")
@@ -335,6 +340,10 @@ def main() -> None:
         ("jax scanned (jit)", scanned, JaxScannedResidual(DEPTH)),
     ):
         print(row(name, paired_ratio(jax_step(base, xj)[0], jax_step(model, xj)[0], pairs)), flush=True)
+        if name == "jax unrolled (jit)" and jax_native.native_library() is not None:
+            with jax_native.reference_kernel():
+                candidate = jax_step(model, xj)[0]
+            print(row("jax unrolled, XLA reductions", paired_ratio(jax_step(base, xj)[0], candidate, pairs)), flush=True)
 
     if device == "cpu" and platform.system() == "Linux":
         print(
