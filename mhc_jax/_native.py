@@ -327,5 +327,7 @@ def _load() -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-600:]}")
             os.replace(out, path)
     library = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.MhcWindowDots), platform="cpu")
+    if "registered" not in _state:  # XLA keeps a target for the life of the process
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.MhcWindowDots), platform="cpu")
+        _state["registered"] = True
     return library
