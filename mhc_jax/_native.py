@@ -261,7 +261,12 @@ def native_library() -> ctypes.CDLL | None:
 @contextlib.contextmanager
 def reference_kernel() -> Iterator[None]:
     """Inside the block, functions lowered (first jitted) use the ``jnp``
-    reductions, as with ``MHC_JAX_NATIVE=0``: for side-by-side tests and benchmarks."""
+    reductions, as with ``MHC_JAX_NATIVE=0``: for side-by-side tests and benchmarks.
+
+    JAX caches a function's lowering: one already jitted with the same
+    arguments keeps the call. Use fresh functions inside the block, or set
+    ``MHC_JAX_NATIVE=0`` before the process starts (e.g. for ``jax.export``).
+    """
     missing = object()
     saved = _state.get(_TARGET, missing)
     _state[_TARGET] = None
