@@ -154,7 +154,14 @@ def _stack_grads(model, x):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(mode="hc", use_gating=True), dict(detach_history=True), dict(scan=True), dict(max_history=6)],
+    [
+        dict(),
+        dict(mode="hc", use_gating=True),
+        dict(detach_history=True),
+        dict(scan=True),
+        dict(scan=True, remat=True),
+        dict(max_history=6),
+    ],
 )
 def test_stack_gradients_with_and_without_the_custom_call(library, options):
     depth = 7
