@@ -152,7 +152,7 @@ class JaxScannedResidual(fnn.Module):
         return scanned()(x, None)[0]
 
 
-def jax_step(model: fnn.Module, x: jax.Array) -> tuple[Callable[[], None], Callable]:
+def jax_step(model: fnn.Module, x: jax.Array) -> tuple[Callable[[], None], Callable, dict]:
     """A jitted training step, compiled now (so the custom-call choice of the
     moment, see ``jax_native.reference_kernel``, is the one it keeps)."""
     params = model.init(jax.random.key(0), x)

@@ -12,7 +12,7 @@ Written as plain ``jnp`` (what :func:`mhc_jax.skip.weighted_sum` did before),
 XLA lowers ``dots`` to ``K`` separate library reductions, one thunk each, and
 in a 50-layer stack on XLA:CPU those ~200 thunks are nearly all that
 separates a training step from a plain residual stack's (README,
-"Benchmarks"). So both are primitives (``jax.extend.core.Primitive``) with
+"Benchmark"). So both are primitives (``jax.extend.core.Primitive``) with
 their own differentiation, transposition and batching rules:
 
 * ``mix`` lowers to the same elementwise ops as before, on every platform.
@@ -63,6 +63,7 @@ __all__ = [
     "dots_reference",
     "mix",
     "mix_reference",
+    "mixable",
     "native_library",
     "reference_kernel",
     "window_dots",
@@ -76,7 +77,8 @@ _SOURCE = Path(__file__).with_name("csrc") / "window_dots.cpp"
 #: the better choice.
 MAX_NATIVE_SIZE = 1 << 20
 
-_state: dict[str, object] = {}
+_state: dict[str, object] = {}  # the loaded library (or None), once decided
+_registered = False
 
 
 # --- reference forms (plain jnp) ---------------------------------------------------------
@@ -93,7 +95,7 @@ def mix_reference(w: jax.Array, *states: jax.Array) -> jax.Array:
 
 
 def dots_reference(g: jax.Array, *states: jax.Array) -> jax.Array:
-    return jnp.stack([jnp.sum(g * h) for h in states]).astype(g.dtype)
+    return jnp.stack([jnp.sum(g * h) for h in states])
 
 
 # --- the primitives ----------------------------------------------------------------------
@@ -102,13 +104,22 @@ mix_p = Primitive("mhc_window_mix")
 dots_p = Primitive("mhc_window_dots")
 
 
+def mixable(w: jax.Array, states: Sequence[jax.Array]) -> bool:
+    """Whether :func:`mix` takes these: ``w`` of shape ``(K,)`` and ``K >= 1``
+    states of one shape, all in ``w``'s dtype."""
+    return _matches(w, (len(states),), states)
+
+
+def _matches(first: jax.Array, first_shape: tuple, states: Sequence[jax.Array]) -> bool:
+    return (
+        bool(states)
+        and tuple(first.shape) == first_shape
+        and all(h.shape == states[0].shape and h.dtype == first.dtype for h in states)
+    )
+
+
 def _check(name: str, first: jax.Array, first_shape: tuple, states: Sequence[jax.Array]) -> None:
-    if not states:
-        raise ValueError(f"{name} needs at least one state")
-    like = states[0]
-    if tuple(first.shape) != first_shape or any(
-        h.shape != like.shape or h.dtype != like.dtype or h.dtype != first.dtype for h in states
-    ):
+    if not _matches(first, first_shape, states):
         raise ValueError(
             f"{name} takes states of one shape and dtype and a first argument of shape {first_shape} "
             f"in that dtype; got {first.shape} {first.dtype} and states "
@@ -183,11 +194,15 @@ def _bilinear_transpose(other: Primitive, state_cotangent):
 
 
 def _mix_moving(w, dstates, moving, num):
-    return mix_p.bind(w[np.asarray(moving)], *dstates)
+    # Every state moving is the common case (a plain training step): no
+    # gather of w, which XLA:CPU would run as one more thunk per layer.
+    return mix_p.bind(w if len(moving) == num else w[np.asarray(moving)], *dstates)
 
 
 def _dots_moving(g, dstates, moving, num):
     part = dots_p.bind(g, *dstates)
+    if len(moving) == num:
+        return part
     zero = jnp.zeros((), part.dtype)
     return jnp.stack([part[moving.index(k)] if k in moving else zero for k in range(num)])
 
@@ -207,7 +222,7 @@ def _mix_batched(args, dims):
 def _dots_batched(args, dims):
     g, *states = _front(args, dims)
     axes = tuple(range(1, g.ndim))
-    return jnp.stack([jnp.sum(g * h, axis=axes) for h in states], axis=1).astype(g.dtype), 0
+    return jnp.stack([jnp.sum(g * h, axis=axes) for h in states], axis=1), 0
 
 
 ad.primitive_jvps[mix_p] = _bilinear_jvp(mix_p, _mix_moving)
@@ -332,7 +347,14 @@ def _load() -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-600:]}")
             os.replace(out, path)
     library = ctypes.CDLL(str(path))
-    if "registered" not in _state:  # XLA keeps a target for the life of the process
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.MhcWindowDots), platform="cpu")
-        _state["registered"] = True
+    _register(library)
     return library
+
+
+def _register(library: ctypes.CDLL) -> None:
+    # Once per process: XLA keeps a registered target for the process's life.
+    global _registered
+    if not _registered:
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.MhcWindowDots), platform="cpu")
+        _registered = True
+

@@ -278,12 +278,8 @@ def weighted_sum(weights: jax.Array, states) -> jax.Array:
     through :func:`mhc_jax._native.mix`, whose weight gradient is one C++
     custom call on CPU; anything else is the plain elementwise sum.
     """
-    if isinstance(states, (list, tuple)) and states:
-        first = states[0]
-        if weights.dtype == first.dtype and all(
-            h.shape == first.shape and h.dtype == first.dtype for h in states
-        ):
-            return _native.mix(weights, states)
+    if isinstance(states, (list, tuple)) and _native.mixable(weights, states):
+        return _native.mix(weights, states)
     return _native.mix_reference(weights, *(states[k] for k in range(len(states))))
 
 

@@ -5,7 +5,7 @@
 // with g the cotangent of a skip's output and h_1 .. h_K its window of
 // states. XLA's own lowering of these K dot products is K separate library
 // reductions, each a thunk of its own; in a deep stack those thunks, not the
-// arithmetic, are what the mix costs (README, "Benchmarks"). This reads g
+// arithmetic, are what the mix costs (README, "Benchmark"). This reads g
 // once per four states, in one call.
 //
 // The summation order is fixed (lane-wise partial sums, then a fixed pairwise
