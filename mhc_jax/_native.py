@@ -19,8 +19,8 @@ their own differentiation, transposition and batching rules:
 * ``dots`` lowers on CPU to one XLA FFI custom call (``csrc/window_dots.cpp``)
   that reads ``g`` once per four states; elsewhere (GPU, TPU), for other
   dtypes than float32/float64, or for states over ``MAX_NATIVE_SIZE``
-  elements (where XLA's multi-threaded reductions win), to the ``jnp``
-  reductions.
+  elements (beyond which XLA's multi-threaded reductions catch up), to the
+  ``jnp`` reductions.
 * Forward mode, reverse mode, higher derivatives and ``vmap`` all work: the
   rules are the bilinear ones, written in terms of the two primitives (or
   plain ``jnp`` under ``vmap``), never of the custom call.
@@ -73,8 +73,9 @@ _TARGET = "mhc_window_dots"
 _SOURCE = Path(__file__).with_name("csrc") / "window_dots.cpp"
 
 #: Largest state (in elements) whose dot products the custom call computes.
-#: It runs on one thread; beyond this XLA's multi-threaded reductions are
-#: the better choice.
+#: It runs on one thread: on the 2-core benchmark machine, for four states,
+#: it took 0.52 ms against XLA's 0.79 ms at 2^20 elements, but 3.2 ms
+#: against 3.0 ms at 2^22, where XLA's multi-threaded reductions catch up.
 MAX_NATIVE_SIZE = 1 << 20
 
 _state: dict[str, object] = {}  # the loaded library (or None), once decided
