@@ -152,7 +152,7 @@ class JaxScannedResidual(fnn.Module):
         return scanned()(x, None)[0]
 
 
-def jax_step(model: fnn.Module, x: jax.Array) -> tuple[Callable[[], None], Callable, dict]:
+def jax_step(model: fnn.Module, x: jax.Array) -> Callable[[], None]:
     """A jitted training step, compiled now (so the custom-call choice of the
     moment, see ``jax_native.reference_kernel``, is the one it keeps)."""
     params = model.init(jax.random.key(0), x)
@@ -162,7 +162,7 @@ def jax_step(model: fnn.Module, x: jax.Array) -> tuple[Callable[[], None], Calla
     def step():
         jax.block_until_ready(compiled(params, x))
 
-    return step, compiled, params
+    return step
 
 
 def compile_seconds(model: fnn.Module, x: jax.Array) -> float:
@@ -339,11 +339,12 @@ def main() -> None:
         ("jax unrolled (jit)", unrolled, JaxResidual(DEPTH)),
         ("jax scanned (jit)", scanned, JaxScannedResidual(DEPTH)),
     ):
-        print(row(name, paired_ratio(jax_step(base, xj)[0], jax_step(model, xj)[0], pairs)), flush=True)
+        base_step = jax_step(base, xj)
+        print(row(name, paired_ratio(base_step, jax_step(model, xj), pairs)), flush=True)
         if name == "jax unrolled (jit)" and jax_native.native_library() is not None:
             with jax_native.reference_kernel():
-                candidate = jax_step(model, xj)[0]
-            print(row("jax unrolled, XLA reductions", paired_ratio(jax_step(base, xj)[0], candidate, pairs)), flush=True)
+                candidate = jax_step(model, xj)
+            print(row("jax unrolled, XLA reductions", paired_ratio(base_step, candidate, pairs)), flush=True)
 
     if device == "cpu" and platform.system() == "Linux":
         print(

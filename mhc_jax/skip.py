@@ -274,7 +274,7 @@ def mixing_weights(
 def weighted_sum(weights: jax.Array, states) -> jax.Array:
     """``sum_k weights[k] * states[k]`` over a window (a list, or a stacked array).
 
-    A list of states of one shape and dtype (the weights cast to it) goes
+    A list of states of one shape and dtype, with the weights in that dtype, goes
     through :func:`mhc_jax._native.mix`, whose weight gradient is one C++
     custom call on CPU; anything else is the plain elementwise sum.
     """
