@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .compat import mhc_compatible
 from .history import HistoryBuffer
-from .skip import MHCSkip, StackGradients, mixing_weights, sample_gumbel
+from .skip import MHCSkip, StackGradients, mix_kernel, mixing_weights, sample_gumbel
 
 __all__ = ["MHCSequential"]
 
@@ -148,12 +148,10 @@ class MHCSequential(nn.Module):
         if self.clear_history_each_forward:
             self.history_buffer.clear()
         self.history_buffer.append(x)
+        num_states, depth = len(self.history_buffer), len(self.skip_layers)
         residual = self.skip_layers[0].mode == "residual"
-        if residual:  # x + h_K: no weights to compute
-            weights = [None] * len(self.skip_layers)
-        else:
-            weights = self.layer_weights(len(self.history_buffer), gumbel_noise=gumbel_noise, device=x.device)
         if self.use_checkpointing and torch.is_grad_enabled():
+            weights = [None] * depth if residual else self.layer_weights(num_states, gumbel_noise=gumbel_noise, device=x.device)
             for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights, strict=True):
                 x = checkpoint(_layer, module, skip, x, w, *self.history_buffer.get(), use_reentrant=False)
                 self.history_buffer.append(x)
@@ -165,14 +163,47 @@ class MHCSequential(nn.Module):
         # Residual mode never mixes, so it has nothing to sum either.
         plain = residual or torch.compiler.is_compiling() or not torch.is_grad_enabled()
         stack = None if plain else StackGradients()
-        h = self.max_history
-        if isinstance(weights, torch.Tensor):  # one split into 0-d tensors, not one per layer
-            flat = weights.to(x.dtype).reshape(-1).unbind()
+        kernel = None if stack is None or stack.native is None else mix_kernel()
+        if residual:  # x + h_K: no weights to compute
+            weights = [None] * depth
+        elif kernel is not None:  # one (L, H) table; each layer's C++ node reads its row
+            weights = [self._weight_table(kernel, stack, x, num_states, gumbel_noise)] * depth
+        else:  # one split into 0-d tensors, not one per layer
+            h = self.max_history
+            flat = self.layer_weights(num_states, gumbel_noise=gumbel_noise, device=x.device).to(x.dtype)
+            flat = flat.reshape(-1).unbind()
             weights = [flat[i : i + h] for i in range(0, len(flat), h)]
         for layer, (module, skip, w) in enumerate(zip(self.wrapped_modules, self.skip_layers, weights, strict=True)):
             x = skip(module(x), self.history_buffer.get(), weights=w, _stack=None if stack is None else (stack, layer))
             self.history_buffer.append(x)
         return x
+
+    def _weight_table(self, kernel, stack: StackGradients, x: torch.Tensor, num_states: int, gumbel_noise):
+        """:meth:`layer_weights` as the C++ kernel's ``(L, H)`` table in ``x``'s dtype.
+
+        For float32 on the CPU without pruning, gate or noise (the common
+        case) the kernel projects the logits itself, in one pass over ``L*H``
+        floats each way instead of ~35 small ATen ops; otherwise
+        :meth:`layer_weights` projects them and the kernel only collects the
+        table's gradient. Either way the result equals :meth:`layer_weights`.
+        """
+        first = self.skip_layers[0]
+        logits = [s.mixing_logits for s in self.skip_layers]
+        if (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and first.prune_threshold == 0
+            and not first.use_gating
+            and not (first.stochastic and self.training)
+            and torch._C._len_torch_dispatch_stack() == 0  # e.g. FakeTensorMode: no memory to read
+            and all(type(t) is nn.Parameter and t.dtype == torch.float32 and t.device.type == "cpu" for t in logits)
+        ):
+            return kernel.project(
+                logits, num_states, first.mode == "mhc", first.constraint == "identity", first.epsilon,
+                first.temperature, stack.native,
+            )
+        weights = self.layer_weights(num_states, gumbel_noise=gumbel_noise, device=x.device)
+        return kernel.collect(weights.to(x.dtype).contiguous(), stack.native)
 
     def extra_repr(self) -> str:
         return (

@@ -348,31 +348,45 @@ class _Mix(torch.autograd.Function):
         return (g, None, None, *grad_w, *grad_h)
 
 
+def mix_kernel():
+    """The C++ kernel when it may run here, else None.
+
+    Dynamo and the JIT tracer record Python-level ops, to which a pybind call
+    would be opaque (a silent constant in a trace); torch.func transforms
+    (vmap, grad, ...) cannot see through it either.
+    """
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    return native_kernel()
+
+
 def _mix(
     y: torch.Tensor,
     weights: Sequence[torch.Tensor],
     states: Sequence[torch.Tensor],
     stack: StackGradients | None = None,
     routes: tuple | None = None,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y + sum_k weights[k] * states[k]`` (``weights`` 0-d tensors); no host sync.
 
     Runs the C++ node when it is built (see ``_native.py``), else ``_Mix``.
+    ``table`` (C++ kernel, with ``stack``): ``MHCSequential``'s ``(L, H)``
+    weights instead of ``weights``; layer ``routes[0]`` mixes with the last
+    ``K`` entries of its row.
     """
     if torch._C._are_functorch_transforms_active():
-        # torch.func (vmap, grad, ...) cannot transform a classic Function;
-        # the same sum written with plain ops can.
+        # torch.func cannot transform a classic Function; the same sum
+        # written with plain ops can.
         out = y
         for w_k, h in zip(weights, states, strict=True):
             out = out + w_k * h
         return out
-    # Dynamo and the JIT tracer record Python-level ops; a pybind call would
-    # be opaque to them (a silent constant in a trace).
-    kernel = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else native_kernel()
+    kernel = mix_kernel()
     if kernel is not None and stack is None:
         return kernel.mix(y, weights, states, None, 0, ())
     if kernel is not None and stack.native is not None:
-        return kernel.mix(y, weights, states, stack.native, *routes)
+        return kernel.mix(y, weights, states, stack.native, *routes, table=table)
     return _Mix.apply(y, stack, routes, *weights, *states)
 
 
@@ -532,7 +546,8 @@ class MHCSkip(nn.Module):
             weights: optional precomputed output of :meth:`mixing_weights` for
                 this window: the ``(H,)`` tensor, or its ``H`` entries as 0-d
                 tensors in ``x``'s dtype (how ``MHCSequential``, which projects
-                every layer at once, passes them).
+                every layer at once, passes them without the C++ kernel; with
+                it, the stack passes its whole ``(L, H)`` table and ``_stack``).
             _stack: ``MHCSequential``'s gradient accumulator and this layer's
                 index (internal).
         Returns:
@@ -551,6 +566,10 @@ class MHCSkip(nn.Module):
             return x
         if self.mode == "residual":
             return x + states[-1]
+        if _stack is not None and isinstance(weights, torch.Tensor) and weights.dim() == 2:
+            # MHCSequential's (L, H) table for the C++ kernel: row `layer` is ours.
+            stack, layer = _stack
+            return _mix(x, (), states, stack, (layer, stack.routes(layer, states, window)), table=weights)
         if weights is None:
             weights = self.mixing_weights(k, gumbel_noise=gumbel_noise)
         if isinstance(weights, torch.Tensor):

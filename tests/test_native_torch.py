@@ -173,3 +173,79 @@ def test_residual_mode_never_asks_for_the_kernel(monkeypatch):
     x = torch.randn(3, 5, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and not asked
+
+
+# --- the stack's weight table ----------------------------------------------------------------
+
+TABLE_CASES = [
+    dict(mode="hc", constraint="simplex", temperature=1.0, max_history=4),
+    dict(mode="hc", constraint="identity", temperature=0.7, max_history=3),
+    dict(mode="mhc", constraint="simplex", temperature=1.5, max_history=5),
+    dict(mode="mhc", constraint="identity", temperature=1.0, max_history=1),
+    dict(mode="mhc", constraint="simplex", temperature=1.0, max_history=7),
+]
+
+
+def _table(kernel, model, num_states):
+    from mhc_torch.skip import StackGradients
+
+    return model._weight_table(kernel, StackGradients(), torch.zeros(1), num_states, None)
+
+
+@pytest.mark.parametrize("options", TABLE_CASES)
+@pytest.mark.parametrize("num_states", [1, 3])
+def test_the_kernels_projection_is_layer_weights(kernel, options, num_states):
+    model = _stack(depth=6, **options)
+    table = _table(kernel, model, num_states)
+    assert table.grad_fn.name() == "MHCWeightTableBackward"  # projected in C++, not collected
+    want = model.layer_weights(num_states)
+    torch.testing.assert_close(table, want, rtol=0, atol=1e-6)
+
+    logits = [s.mixing_logits for s in model.skip_layers]
+    upstream = 10 * torch.randn(table.shape)
+    got = torch.stack(torch.autograd.grad((table * upstream).sum(), logits))
+    expected = torch.stack(torch.autograd.grad((want * upstream).sum(), logits))
+    # Each layer's projection is shift invariant, so its exact logit gradient
+    # sums to 0; the kernel's does to rounding (plain autograd's softmax
+    # backward only to ~1e-7 x |upstream| near a one-hot alpha).
+    torch.testing.assert_close(got.sum(dim=1), torch.zeros(len(logits)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    slots = torch.arange(model.max_history)
+    outside = slots < model.max_history - (num_states + torch.arange(len(logits))).clamp(max=model.max_history)[:, None]
+    assert (got[outside] == 0).all()  # slots outside a layer's window get no gradient
+
+
+def test_other_options_are_projected_in_python_and_collected(kernel):
+    model = _stack(depth=3, use_gating=True, prune_threshold=0.01)
+    table = _table(kernel, model, 1)
+    assert table.grad_fn.name() == "MHCWeightTableBackward"
+    assert table.grad_fn.next_functions[0][0].name() != "torch::autograd::AccumulateGrad"
+    torch.testing.assert_close(table, model.layer_weights(1))
+
+
+def test_a_training_step_mixes_from_the_table(kernel):
+    model, x = _stack(depth=3), torch.randn(2, 5)
+    out = model(x)
+    table = out.grad_fn.next_functions[1][0]  # edges: y, the table, the states
+    assert out.grad_fn.name() == "MHCMixBackward" and table.name() == "MHCWeightTableBackward"
+    assert {fn.name() for fn, _ in table.next_functions} == {"torch::autograd::AccumulateGrad"}
+
+
+@pytest.mark.parametrize("options", TABLE_CASES[:4])
+def test_second_derivatives_through_the_weight_table(kernel, options):
+    # create_graph through the logits: the kernel's differentiable backward,
+    # against the Python kernel's plain autograd.
+    def hessian_vector_product():
+        model = _stack(depth=5, **options)
+        logits = [s.mixing_logits for s in model.skip_layers]
+        loss = model(torch.randn(3, 5, generator=torch.Generator().manual_seed(0))).square().sum()
+        grads = torch.autograd.grad(loss, logits, create_graph=True)
+        direction = torch.linspace(-1, 1, model.max_history)
+        return torch.stack(torch.autograd.grad(sum((g * direction).sum() for g in grads), logits))
+
+    got = hessian_vector_product()
+    with _native.python_kernel():
+        want = hessian_vector_product()
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.sum(dim=1), torch.zeros(len(got)), rtol=0, atol=1e-6 * max(1.0, scale))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=max(1e-6, 1e-2 * scale))

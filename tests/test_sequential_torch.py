@@ -138,9 +138,15 @@ def _same_gradients(backward, calls=1, make=lambda **options: _stack(6, **option
     want = _gradients(make(**options), _all_states_by_skip, backward, calls)
     assert len(got) == len(want)
     # Equal up to float32 rounding: the stack projects all layers' logits in
-    # one batched call and adds each state's history gradients in its own order.
+    # one batched call and adds each state's history gradients in its own
+    # order. The rounding of a backward pass scales with what flows through
+    # it, so atol follows the largest gradient: plain autograd's softmax
+    # backward, near the one-hot weights of the identity init, is off by
+    # ~1e-7 x |dL/dw| (its logit gradients do not even sum to 0), which the C++
+    # kernel's shifted one is not. A misrouted gradient is off by a whole one.
+    scale = max(b.abs().max().item() for b in want)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-5, 2e-6 * scale))
 
 
 @pytest.mark.parametrize("h", [1, 2, 3, 7])
