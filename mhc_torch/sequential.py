@@ -38,6 +38,8 @@ class MHCSequential(nn.Module):
     backward sums each state's history gradient once, in the layer that read
     it last, instead of handing autograd ``H`` copies (:class:`StackGradients`);
     gradients, hooks and ``torch.autograd.grad`` on states are unchanged.
+    With the C++ kernel the layers read their weights from one ``(L, H)``
+    table whose gradient the kernel sums itself (:meth:`_weight_table`).
 
     Args:
         modules: the layers ``f_1 .. f_L`` (at least one).
