@@ -324,6 +324,13 @@ struct MixBackward : public Node {
   }
 };
 
+// The kernel's nodes have no forward-mode AD rule: refuse a tangent rather than drop it.
+void check_no_forward_grad(const at::Tensor& t) {
+  TORCH_CHECK(
+      !t._fw_grad(/*level=*/0).defined(),
+      "mhc_torch's C++ mixing kernel has no forward-mode AD rule; use reverse mode (backward / torch.autograd.grad)");
+}
+
 at::Tensor mix(
     const at::Tensor& y,
     const std::vector<at::Tensor>& weights,
@@ -347,9 +354,7 @@ at::Tensor mix(
   const std::vector<at::Tensor> w = tabled ? table_row(*table, layer, k) : weights;
   bool needs_grad = false;
   auto check = [&](const at::Tensor& t) {
-    TORCH_CHECK(
-        !t._fw_grad(/*level=*/0).defined(),
-        "MHCSkip's mix has no forward-mode AD rule; use reverse mode (backward / torch.autograd.grad)");
+    check_no_forward_grad(t);
     needs_grad = needs_grad || t.requires_grad();
   };
   check(y);
@@ -543,12 +548,6 @@ struct TableBackward : public Node {
     return out;
   }
 };
-
-void check_no_forward_grad(const at::Tensor& t) {
-  TORCH_CHECK(
-      !t._fw_grad(/*level=*/0).defined(),
-      "MHCSequential's weights have no forward-mode AD rule in the C++ kernel; use reverse mode");
-}
 
 at::Tensor project(
     const std::vector<at::Tensor>& logits,
