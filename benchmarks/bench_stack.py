@@ -21,7 +21,6 @@ the same layer definitions (JAX).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -40,11 +39,9 @@ from torch import nn
 
 import mhc_jax
 import mhc_torch
-from mhc_jax import _native as jax_native
-from mhc_torch import _native
 
 DEPTH, WIDTH, BATCH, H = 50, 256, 128, 4
-TARGETS = {"torch eager": 1.25, "jax unrolled (jit)": 1.15, "jax scanned (jit)": 1.5}
+TARGETS = {"torch eager": 1.25, "torch.compile": 1.15, "jax unrolled (jit)": 1.20, "jax scanned (jit)": 1.20}
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -153,8 +150,7 @@ class JaxScannedResidual(fnn.Module):
 
 
 def jax_step(model: fnn.Module, x: jax.Array) -> Callable[[], None]:
-    """A jitted training step, compiled now (so the custom-call choice of the
-    moment, see ``jax_native.reference_kernel``, is the one it keeps)."""
+    """A jitted training step, compiled up front."""
     params = model.init(jax.random.key(0), x)
     grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
     compiled = grad.lower(params, x).compile()
@@ -231,44 +227,32 @@ def torch_peak_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 # --- report -------------------------------------------------------------------------------
 
 
-def kernel_name() -> str:
-    kernel = _native.native_kernel()
-    if kernel is None:
-        return "Python (the C++ kernel is not built)"
-    return "C++" + (" with fused CPU loops" if kernel._fused_loops() else " (ATen ops)")
-
-
 def torch_rows(x: torch.Tensor, pairs: int) -> None:
-    """Eager torch, with the C++ mixing kernel (the default) and the Python one."""
     mhc, residual = (m.to(x.device) for m in torch_models())
     print(row("torch eager", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
-    if _native.native_kernel() is not None:
-        with _native.python_kernel():
-            print(row("torch eager, Python kernel", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
 
 
 # glibc returns freed blocks above these sizes to the OS; the next allocation
 # then pays page faults again. Raised, freed memory stays in the process
 # (what jemalloc and tcmalloc do by default).
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
-ALONE = ("residual", "mhc", "mhc, Python kernel")
+ALONE = ("residual", "mhc")
 
 
 def alone_ms(which: str, steps: int) -> float:
     """Median step time (ms) of one eager torch stack with the process to itself."""
     mhc, residual = torch_models()
     step = torch_step(residual if which == "residual" else mhc, torch.randn(BATCH, WIDTH))
-    with _native.python_kernel() if which == "mhc, Python kernel" else contextlib.nullcontext():
-        for _ in range(5):
-            step()
-        return 1e3 * statistics.median(_once(step) for _ in range(steps))
+    for _ in range(5):
+        step()
+    return 1e3 * statistics.median(_once(step) for _ in range(steps))
 
 
 def alone_rows(rounds: int, steps: int) -> None:
     """Eager torch stacks, each in a fresh process, so no stack runs on a heap
     the other left behind; with glibc's defaults and with freed memory kept."""
-    print("| allocator | residual ms | mhc ms | ratio | mhc ms, Python kernel | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    print("| allocator | residual ms | mhc ms | ratio |")
+    print("| --- | ---: | ---: | ---: |", flush=True)
     for name, extra in (("glibc defaults", {}), ("glibc keeping freed memory", KEEP_FREED_MEMORY)):
         times = {which: [] for which in ALONE}
         for _ in range(rounds):  # round-robin, so a slow spell hits every stack
@@ -312,8 +296,7 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__} ({device}), jax {jax.__version__} ({jax.default_backend()}), "
-        f"{pairs} step pairs per ratio, torch mixing kernel: {kernel_name()}, JAX weight gradients: "
-        f"{'C++ custom call' if jax_native.native_library() is not None else 'XLA reductions'}\n"
+        f"{pairs} step pairs per ratio\n"
     )
     print("## training step (forward + backward), MHCSequential over a plain residual stack\n")
     print("| stack | residual ms | mhc ms | ratio (IQR) | target |")
@@ -341,10 +324,6 @@ def main() -> None:
     ):
         base_step = jax_step(base, xj)
         print(row(name, paired_ratio(base_step, jax_step(model, xj), pairs)), flush=True)
-        if name == "jax unrolled (jit)" and jax_native.native_library() is not None:
-            with jax_native.reference_kernel():
-                candidate = jax_step(model, xj)
-            print(row("jax unrolled, XLA reductions", paired_ratio(base_step, candidate, pairs)), flush=True)
 
     if device == "cpu" and platform.system() == "Linux":
         print(

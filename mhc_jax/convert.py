@@ -234,7 +234,9 @@ def _index(tree: Any, i: int) -> Any:
 
 def _chunking(depth: int, max_history: int) -> tuple[int, int, int]:
     """(chunk size C, scanned chunks, tail layers) of a scanned stack."""
-    size = min(max_history, depth)
+    from .sequential import MAX_CHUNK
+
+    size = min(max_history, depth, MAX_CHUNK)
     return (size, *divmod(depth, size))
 
 
@@ -246,7 +248,7 @@ def _indexed(tree: Mapping, prefix: str) -> int:
 def stack_layer_params(params: Mapping, max_history: int) -> dict:
     """Unrolled ``MHCSequential`` parameters to the scanned layout.
 
-    With ``C = min(H, L)``: layer ``c*C + j`` goes to ``blocks/layers_{j}`` at
+    With ``C = min(H, L, MAX_CHUNK)``: layer ``c*C + j`` goes to ``blocks/layers_{j}`` at
     index ``c`` of a leading chunk axis, the last ``L mod C`` layers to
     ``tail/layers_{j}``, and ``skip_layers_{i}/...`` to ``skip_layers/...``
     stacked along a leading depth axis. Other entries are kept.

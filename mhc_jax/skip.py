@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _native
 from .history import History, check_max_history
 from .projections import (
     check_epsilon,
@@ -87,8 +86,22 @@ def check_skip_options(
         raise ValueError(f"prune_threshold must be a number in [0, 1), got {prune_threshold!r}")
 
 
+def check_bools(**options) -> None:
+    """Raise ``TypeError`` naming the first option that is not a ``bool``.
+
+    ``bool("False")`` is True: a string, number or array where a switch
+    belongs is a mistake, never a truthy value to guess from.
+    """
+    for name, value in options.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+
+
 def check_module_options(module: nn.Module) -> None:
     """Validate a Flax module's skip fields (``MHCSkip`` and ``MHCSequential`` share them)."""
+    check_bools(auto_project=module.auto_project, use_gating=module.use_gating, stochastic=module.stochastic)
+    if module.deterministic is not None:
+        check_bools(deterministic=module.deterministic)
     check_skip_options(
         module.mode,
         module.max_history,
@@ -254,7 +267,7 @@ def mixing_weights(
 
     :func:`window_weights`, then weights below ``prune_threshold`` set to 0,
     then (when ``gumbel_noise`` is given) :func:`perturb_weights`, then the gate
-    ``sigmoid(gate_logit)`` (when given). Batched over leading axes, so a stack
+    ``sigmoid(gate_logit)`` (when given; shape ``(..., 1)``, one gate per row). Batched over leading axes, so a stack
     can compute every layer's weights in one call.
     """
     alpha = window_weights(
@@ -267,20 +280,24 @@ def mixing_weights(
     if gumbel_noise is not None:
         alpha = perturb_weights(alpha, gumbel_noise, temperature)
     if gate_logit is not None:
-        alpha = jax.nn.sigmoid(gate_logit)[..., None] * alpha
+        alpha = jax.nn.sigmoid(gate_logit) * alpha
     return alpha
 
 
 def weighted_sum(weights: jax.Array, states) -> jax.Array:
-    """``sum_k weights[k] * states[k]`` over a window (a list, or a stacked array).
+    r"""``sum_k weights[k] * states[k]`` over a window: a list of arrays, or a
+    stacked array with the window on its leading axis (a ``History``'s slots).
 
-    A list of states of one shape and dtype, with the weights in that dtype, goes
-    through :func:`mhc_jax._native.mix`, whose weight gradient is one C++
-    custom call on CPU; anything else is the plain elementwise sum.
+    .. math:: m = \sum_k w_k h_k
+
+    An unrolled multiply-add over the few states: XLA fuses it into one loop
+    over the elements (an einsum over a stacked window ran 10-30x slower on
+    XLA:CPU, and a list would first have to be stacked, a copy).
     """
-    if isinstance(states, (list, tuple)) and _native.mixable(weights, states):
-        return _native.mix(weights, states)
-    return _native.mix_reference(weights, *(states[k] for k in range(len(states))))
+    total = weights[0] * states[0]
+    for k in range(1, len(states)):
+        total = total + weights[k] * states[k]
+    return total
 
 
 class MHCSkip(nn.Module):
@@ -344,7 +361,8 @@ class MHCSkip(nn.Module):
             ),
         )
         if self.use_gating:
-            self.gate_logit = self.param("gate_logit", nn.initializers.constant(GATE_INIT_LOGIT), (), jnp.float32)
+            # Shape (1,) like torch's (FSDP2 there shards parameters along dim 0).
+            self.gate_logit = self.param("gate_logit", nn.initializers.constant(GATE_INIT_LOGIT), (1,), jnp.float32)
 
     def mixing_weights(
         self,
@@ -380,7 +398,6 @@ class MHCSkip(nn.Module):
             return gumbel_noise
         return sample_gumbel(self, (self.max_history,))
 
-    @nn.compact
     def __call__(
         self,
         x: jax.Array,
@@ -388,43 +405,62 @@ class MHCSkip(nn.Module):
         *,
         deterministic: bool | None = None,
         gumbel_noise: jax.Array | None = None,
-        weights: jax.Array | None = None,
     ) -> jax.Array:
         """Mix the window into ``x``.
 
         Args:
           x: the current layer's output.
-          history: a :class:`History`, a list of arrays (oldest first), or None.
+          history: a :class:`History` (with ``max_history`` slots), a list of
+            arrays (oldest first), or None.
           deterministic: True evaluates (no Gumbel noise); overrides the field.
           gumbel_noise: optional ``(H,)`` noise aligned with ``mixing_logits``,
             used instead of the ``"gumbel"`` rng (for reproducible tests).
-          weights: optional precomputed ``(H,)`` output of :meth:`mixing_weights`
-            for this window (``MHCSequential`` projects every layer at once).
         Returns:
           ``x + g * sum_k alpha_k h_k``, the shape and dtype of ``x``.
         """
         if history is None:
             history = []
+        if isinstance(history, History):
+            if history.max_history != self.max_history:
+                raise ValueError(
+                    f"History has {history.max_history} slots but this skip has max_history="
+                    f"{self.max_history}; create the History with max_history={self.max_history}"
+                )
+            num_states = history.num_states
+        elif isinstance(history, (list, tuple)):
+            history = list(history)[-self.max_history :]
+            num_states = len(history)
+        else:
+            raise TypeError(
+                "history must be a History, a list of arrays (oldest first) or None, got "
+                f"{type(history).__name__}; wrap a single state as [state]"
+            )
+        weights = None
+        if self.mode != "residual" and not (isinstance(num_states, int) and num_states == 0):
+            weights = self.mixing_weights(num_states, deterministic=deterministic, gumbel_noise=gumbel_noise)
+        return self._mix_window(x, history, weights)
+
+    @nn.compact
+    def _mix_window(self, x: jax.Array, history: History | list[jax.Array], weights: jax.Array | None) -> jax.Array:
+        """``x + sum_k w_k h_k`` for a window (a :class:`History`, or a list of at
+        most ``H`` arrays) and its ``(H,)`` weights from :meth:`mixing_weights`
+        (None in residual mode or for an empty list). What :class:`MHCSequential`
+        calls per layer, having projected every layer's weights at once."""
         ring = isinstance(history, History)
         if ring:
             states = self._match_shape(x, [history.states], stacked=True)[0]
-            num_states = history.num_states
         else:
-            states = self._match_shape(x, list(history)[-self.max_history :], stacked=False)
-            num_states = len(states)
-
+            states = self._match_shape(x, history, stacked=False)
         if self.mode == "residual":
             if ring:
                 return x + History(states, history.count).latest()
             return x + states[-1] if states else x
-        if not ring and num_states == 0:
+        if not ring and not states:
             return x
-        if weights is None:
-            weights = self.mixing_weights(num_states, deterministic=deterministic, gumbel_noise=gumbel_noise)
         weights = weights.astype(x.dtype)
         if ring:
             return x + weighted_sum(history.slot_weights(weights), states)
-        return x + weighted_sum(weights[self.max_history - num_states :], states)
+        return x + weighted_sum(weights[self.max_history - len(states) :], states)
 
     def _match_shape(self, x: jax.Array, states: list[jax.Array], *, stacked: bool) -> list[jax.Array]:
         """Check each state's shape against ``x``; auto-project the feature axis if allowed.

@@ -12,6 +12,7 @@ history is explicit carried state.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .compat import mhc_compatible
 from .history import HistoryBuffer
-from .skip import MHCSkip, StackGradients, mix_kernel, mixing_weights, sample_gumbel
+from .skip import MHCSkip, check_bools, mixing_weights, sample_gumbel
 
 __all__ = ["MHCSequential"]
 
@@ -29,28 +30,30 @@ __all__ = ["MHCSequential"]
 class MHCSequential(nn.Module):
     """Wrap ``modules`` so each layer's output is mixed with the window of earlier states.
 
-    Every wrapped module gets its own :class:`MHCSkip`; the skip options pass
-    through to all of them. Parameter names: ``wrapped_modules.{i}.*`` and
+    Every wrapped module gets its own :class:`MHCSkip`; the skip options given
+    here are each skip's starting options. The skips own them from then on:
+    change ``stack.skip_layers[3].temperature`` and layer 3 (alone) changes.
+    Parameter names: ``wrapped_modules.{i}.*`` and
     ``skip_layers.{i}.mixing_logits`` (``.gate_logit`` with gating).
 
-    Each forward projects all layers' logits in one batched call (rather than
-    one small sort per layer) and never reads a tensor value on the host. Its
-    backward sums each state's history gradient once, in the layer that read
-    it last, instead of handing autograd ``H`` copies (:class:`StackGradients`);
-    gradients, hooks and ``torch.autograd.grad`` on states are unchanged.
-    With the C++ kernel the layers read their weights from one ``(L, H)``
-    table whose gradient the kernel sums itself (:meth:`_weight_table`).
+    Each forward projects all layers' logits in one batched call when the
+    skips share their options (one call per layer otherwise), and never reads
+    a tensor value on the host.
+
+    A forward with ``clear_history_each_forward=True`` keeps its window in a
+    local list and stores it in ``history_buffer`` only at the end (for
+    inspection), so one model may serve several threads at once for
+    inference: each call's window is its own.
 
     Args:
         modules: the layers ``f_1 .. f_L`` (at least one).
         max_history, mode, constraint, epsilon, temperature, init, use_gating,
             prune_threshold, stochastic, auto_project: as for :class:`MHCSkip`.
-        clear_history_each_forward: clear ``history_buffer`` at the start of
-            every forward (default). With False the window carries over from
-            the previous call, which is what "temporal bleeding" means: only
-            for models that really do want it (e.g. segment-by-segment
-            processing of one sequence), and then call :meth:`clear_history`
-            at every boundary.
+        clear_history_each_forward: start every forward from an empty window
+            (default). With False the window carries over from the previous
+            call, which is what "temporal bleeding" means: only for models
+            that really do want it (e.g. segment-by-segment processing of one
+            sequence), and then call :meth:`clear_history` at every boundary.
         detach_history: store states detached. Cuts the memory that ``H``
             earlier layers' graphs hold in very deep models; gradient then
             reaches earlier layers only through the main path.
@@ -76,6 +79,11 @@ class MHCSequential(nn.Module):
         auto_project: bool = False,
     ) -> None:
         super().__init__()
+        check_bools(
+            clear_history_each_forward=clear_history_each_forward,
+            detach_history=detach_history,
+            use_checkpointing=use_checkpointing,
+        )
         modules = list(modules)
         if not modules:
             raise ValueError("MHCSequential needs at least one module (depth >= 1), got 0")
@@ -114,98 +122,75 @@ class MHCSequential(nn.Module):
         gumbel_noise: torch.Tensor | None = None,
         device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Every layer's window weights, ``(L, H)``, in one batched projection.
+        """Every layer's window weights, ``(L, H)``, from each skip's own options.
 
         Layer ``l`` (0-based) sees ``K = min(num_states_first + l, H)`` states.
-        Gumbel noise (training, ``stochastic=True``) is drawn here for all
-        layers at once, or taken from ``gumbel_noise`` of shape ``(L, H)``.
+        Skips that share their options (the usual case) are projected in one
+        batched call; otherwise each skip projects its own row. Gumbel noise
+        (training, ``stochastic=True``) is drawn here for all layers at once,
+        or taken from ``gumbel_noise`` of shape ``(L, H)``.
         """
         skips = list(self.skip_layers)
-        first, h = skips[0], self.max_history
+        depth, h = len(skips), self.max_history
         if device is None:
-            device = first.mixing_logits.device if first.mode != "residual" else torch.device("cpu")
-        num_states = (num_states_first + torch.arange(len(skips), device=device)).clamp(max=h)
-        if first.mode == "residual":
-            return mixing_weights(torch.zeros(len(skips), h, device=device), num_states, mode="residual")
+            device = next((s.mixing_logits.device for s in skips if s.mode != "residual"), torch.device("cpu"))
+        num_states = (num_states_first + torch.arange(depth, device=device)).clamp(max=h)
         noise = None
-        if first.stochastic and self.training:
-            noise = gumbel_noise if gumbel_noise is not None else sample_gumbel((len(skips), h), device=device)
-            if tuple(noise.shape) != (len(skips), h):
+        if self.training and any(s.stochastic and s.mode != "residual" for s in skips):
+            noise = gumbel_noise if gumbel_noise is not None else sample_gumbel((depth, h), device=device)
+            if tuple(noise.shape) != (depth, h):
                 raise ValueError(
-                    f"gumbel_noise must have shape ({len(skips)}, {h}) (layers, mixing "
+                    f"gumbel_noise must have shape ({depth}, {h}) (layers, mixing "
                     f"logits), got {tuple(noise.shape)}"
                 )
+        first = skips[0]
+        options = first.weight_options()
+        shared = all(
+            s.weight_options() == options and s.use_gating == first.use_gating and s.stochastic == first.stochastic
+            for s in skips
+        )
+        if not shared:
+            return torch.stack([
+                s.mixing_weights(num_states[i], gumbel_noise=None if noise is None else noise[i]).to(device)
+                for i, s in enumerate(skips)
+            ])
+        if first.mode == "residual":
+            return mixing_weights(torch.zeros(depth, h, device=device), num_states, mode="residual")
         logits = torch.stack([s.mixing_logits for s in skips]).float()
         gates = torch.stack([s.gate_logit for s in skips]).float() if first.use_gating else None
-        return mixing_weights(logits, num_states, gumbel_noise=noise, gate_logit=gates, **first.weight_options())
+        return mixing_weights(
+            logits, num_states, gumbel_noise=noise if first.stochastic else None, gate_logit=gates, **options
+        )
 
     def forward(self, x: torch.Tensor, *, gumbel_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the stack on ``x`` (``x_0``), recording every state in ``history_buffer``.
+        """Run the stack on ``x`` (``x_0``), recording the window in ``history_buffer``.
 
         Args:
             x: the input ``x_0``.
             gumbel_noise: optional ``(L, H)`` noise for stochastic training
                 (one row per layer, aligned with the logits), for reproducibility.
         """
-        if self.clear_history_each_forward:
-            self.history_buffer.clear()
-        self.history_buffer.append(x)
-        num_states, depth = len(self.history_buffer), len(self.skip_layers)
-        residual = self.skip_layers[0].mode == "residual"
-        if self.use_checkpointing and torch.is_grad_enabled():
-            weights = [None] * depth if residual else self.layer_weights(num_states, gumbel_noise=gumbel_noise, device=x.device)
-            for module, skip, w in zip(self.wrapped_modules, self.skip_layers, weights, strict=True):
-                x = checkpoint(_layer, module, skip, x, w, *self.history_buffer.get(), use_reentrant=False)
-                self.history_buffer.append(x)
-            return x
-        # Layer l's window ends at x_l (x_0 the input); states carried over
-        # from an earlier call get negative indices (see StackGradients).
-        # torch.compile traces its own backward, so it gets the plain one;
-        # without grad mode there is no backward to prepare for.
-        # Residual mode never mixes, so it has nothing to sum either.
-        plain = residual or torch.compiler.is_compiling() or not torch.is_grad_enabled()
-        stack = None if plain else StackGradients()
-        kernel = None if stack is None or stack.native is None else mix_kernel()
-        if residual:  # x + h_K: no weights to compute
-            weights = [None] * depth
-        elif kernel is not None:  # one (L, H) table; each layer's C++ node reads its row
-            weights = [self._weight_table(kernel, stack, x, num_states, gumbel_noise)] * depth
-        else:  # one split into 0-d tensors, not one per layer
-            h = self.max_history
-            flat = self.layer_weights(num_states, gumbel_noise=gumbel_noise, device=x.device).to(x.dtype)
-            flat = flat.reshape(-1).unbind()
-            weights = [flat[i : i + h] for i in range(0, len(flat), h)]
-        for layer, (module, skip, w) in enumerate(zip(self.wrapped_modules, self.skip_layers, weights, strict=True)):
-            x = skip(module(x), self.history_buffer.get(), weights=w, _stack=None if stack is None else (stack, layer))
-            self.history_buffer.append(x)
+        buffer, h = self.history_buffer, self.max_history
+        # The window is this call's own list: the buffer is read once (when
+        # it carries over) and written once, at the end.
+        window = [] if self.clear_history_each_forward else buffer.get()
+        keep = torch.Tensor.detach if buffer.detach_history else _identity
+        window.append(keep(x))
+        del window[:-h]
+        weights = self.layer_weights(len(window), gumbel_noise=gumbel_noise, device=x.device)
+        # One split for all layers, not one select per layer.
+        rows = weights.to(x.dtype).unbind(0)
+        checkpointing = self.use_checkpointing and torch.is_grad_enabled()
+        for module, skip, row in zip(self.wrapped_modules, self.skip_layers, rows, strict=True):
+            if checkpointing:
+                x = checkpoint(_layer, module, skip, x, row, *window, use_reentrant=False)
+            else:
+                x = skip._mix_window(module(x), window, row)
+            window.append(keep(x))
+            if len(window) > h:
+                del window[0]
+        buffer._states = deque(window, maxlen=h)
         return x
-
-    def _weight_table(self, kernel, stack: StackGradients, x: torch.Tensor, num_states: int, gumbel_noise):
-        """:meth:`layer_weights` as the C++ kernel's ``(L, H)`` table in ``x``'s dtype.
-
-        For float32 on the CPU without pruning, gate or noise (the common
-        case) the kernel projects the logits itself, in one pass over ``L*H``
-        floats each way instead of ~35 small ATen ops; otherwise
-        :meth:`layer_weights` projects them and the kernel only collects the
-        table's gradient. Either way the result equals :meth:`layer_weights`.
-        """
-        first = self.skip_layers[0]
-        logits = [s.mixing_logits for s in self.skip_layers]
-        if (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and first.prune_threshold == 0
-            and not first.use_gating
-            and not (first.stochastic and self.training)
-            and torch._C._len_torch_dispatch_stack() == 0  # e.g. FakeTensorMode: no memory to read
-            and all(type(t) is nn.Parameter and t.dtype == torch.float32 and t.device.type == "cpu" for t in logits)
-        ):
-            return kernel.project(
-                logits, num_states, first.mode == "mhc", first.constraint == "identity", first.epsilon,
-                first.temperature, stack.native,
-            )
-        weights = self.layer_weights(num_states, gumbel_noise=gumbel_noise, device=x.device)
-        return kernel.collect(weights.to(x.dtype).contiguous(), stack.native)
 
     def extra_repr(self) -> str:
         return (
@@ -214,6 +199,10 @@ class MHCSequential(nn.Module):
         )
 
 
-def _layer(module: nn.Module, skip: MHCSkip, x: torch.Tensor, weights: torch.Tensor | None, *window: torch.Tensor):
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _layer(module: nn.Module, skip: MHCSkip, x: torch.Tensor, weights: torch.Tensor, *window: torch.Tensor):
     # One layer as a function of tensors, so torch.utils.checkpoint can replay it.
-    return skip(module(x), list(window), weights=weights)
+    return skip._mix_window(module(x), list(window), weights)

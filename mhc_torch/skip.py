@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._native import native_kernel
 from .compat import mhc_compatible
 from .history import HistoryBuffer, check_max_history
 from .projections import (
@@ -38,6 +37,7 @@ from .projections import (
 
 __all__ = [
     "MHCSkip",
+    "mix",
     "window_weights",
     "mixing_weights",
     "perturb_weights",
@@ -88,6 +88,17 @@ def check_skip_options(
         isinstance(prune_threshold, Real) and 0.0 <= prune_threshold < 1.0
     ):
         raise ValueError(f"prune_threshold must be a number in [0, 1), got {prune_threshold!r}")
+
+
+def check_bools(**options) -> None:
+    """Raise ``TypeError`` naming the first option that is not a ``bool``.
+
+    ``bool("False")`` is True: a string, number or array where a switch
+    belongs is a mistake, never a truthy value to guess from.
+    """
+    for name, value in options.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
 
 
 def identity_init_logits(max_history: int, mode: str = "mhc", temperature: float = 1.0) -> np.ndarray:
@@ -205,7 +216,7 @@ def mixing_weights(
 
     :func:`window_weights`, then weights below ``prune_threshold`` set to 0,
     then (when ``gumbel_noise`` is given) :func:`perturb_weights`, then the gate
-    ``sigmoid(gate_logit)`` (when given). Batched over leading axes, so a stack
+    ``sigmoid(gate_logit)`` (when given; shape ``(..., 1)``, one gate per row). Batched over leading axes, so a stack
     can compute every layer's weights in one call.
     """
     alpha = window_weights(
@@ -218,7 +229,7 @@ def mixing_weights(
     if gumbel_noise is not None:
         alpha = perturb_weights(alpha, gumbel_noise, temperature)
     if gate_logit is not None:
-        alpha = torch.sigmoid(gate_logit).unsqueeze(-1) * alpha
+        alpha = torch.sigmoid(gate_logit) * alpha
     return alpha
 
 
@@ -228,166 +239,63 @@ def sample_gumbel(shape, *, device=None, dtype=torch.float32, generator=None) ->
     return -noise.exponential_(generator=generator).log()
 
 
-class StackGradients:
-    r"""Sums each state's history-path gradient before autograd sees it.
-
-    In a stack, state ``x_j`` sits in the windows of layers ``j .. j+H-1``, so
-    plain autograd would receive ``H`` scaled copies ``w g`` of those layers'
-    gradients and add them one at a time: ``H`` fresh tensors and ``H - 1``
-    additions per state. Here the older layers add their term into one pending
-    tensor for ``x_j`` instead, and layer ``j`` (where ``x_j`` is the latest
-    state) hands autograd the finished sum
-
-    .. math:: \frac{\partial L}{\partial x_j}\Big|_{\text{mix}}
-              = \sum_{m=j}^{j+H-1} w^{(m)}_{x_j}\, g_m .
-
-    Layer ``j``'s backward always runs after theirs: its mix produced
-    ``x_{j+1}``, which every one of layers ``j+1 .. j+H-1`` reads, and autograd
-    runs a node only once all consumers of its output are done. So a state's
-    gradient (``.grad``, hooks, ``torch.autograd.grad``) is the same as without
-    this, at one allocation per state instead of ``H``.
-
-    A state gets its plain per-layer gradient instead when it was carried
-    over from an earlier call, converted or projected by a skip
-    (``auto_project``), or its own layer did not take the sum over. Pending
-    sums are kept per backward pass (graph task), so a second pass over a
-    retained graph, or a pass cut short by ``inputs=``, never mixes with
-    another. One instance serves one forward of :class:`MHCSequential`.
-
-    With the C++ kernel (``_native.py``) the pending sums live in its
-    ``StackSums`` (``native``) and this class only assigns the routes.
-    """
-
-    #: The route of a state whose gradient goes straight to autograd (state
-    #: indices are >= 0); ``kPlain`` in csrc/mix.cpp.
-    PLAIN = -1
-
-    def __init__(self) -> None:
-        self._finishers: set[int] = set()
-        self._pending: dict[int, dict[int, torch.Tensor]] = {}
-        kernel = native_kernel()
-        self.native = None if kernel is None else kernel.StackSums()
-
-    def routes(self, layer: int, states: Sequence[torch.Tensor], window: Sequence[torch.Tensor]) -> list[int]:
-        """Forward pass of layer ``layer``, window ``x_{layer-K+1} .. x_layer``
-        (``window`` as stored, ``states`` as mixed): per state the index its
-        gradient is summed under, or :attr:`PLAIN` for a plain gradient."""
-        routes = []
-        for j, state, stored in zip(range(layer - len(states) + 1, layer + 1), states, window, strict=True):
-            if state is not stored or j < 0:
-                routes.append(self.PLAIN)
-            elif j == layer:  # the last layer to read x_j: it hands over the sum
-                self._finishers.add(j)
-                routes.append(j)
-            else:
-                routes.append(j if j in self._finishers else self.PLAIN)
-        return routes
-
-    def state_grads(self, g, layer, routes, weights, needs) -> list[torch.Tensor | None]:
-        """Backward pass of layer ``layer``: the gradients to hand autograd for its window."""
-        task = torch._C._current_graph_task_id()
-        pending = self._pending.setdefault(task, {})
-        grads: list[torch.Tensor | None] = [None] * len(weights)
-        for i, (j, w_k, need) in enumerate(zip(routes, weights, needs, strict=True)):
-            if not need:
-                continue
-            if j == self.PLAIN:
-                grads[i] = g * w_k
-            elif j == layer:
-                acc = pending.pop(j, None)
-                grads[i] = g * w_k if acc is None else acc.addcmul_(g, w_k)
-            elif j in pending:
-                pending[j].addcmul_(g, w_k)
-            else:
-                pending[j] = g * w_k
-        if not pending:
-            del self._pending[task]
-        return grads
-
-
 class _Mix(torch.autograd.Function):
-    """``y + sum_k w_k h_k`` with the least memory traffic eager PyTorch allows.
+    r"""``y + sum_k w_k h_k`` in one node, with the least memory traffic eager torch allows.
 
-    In a deep stack the states come from cold cache, so what costs is how
-    often they are read or written. Forward reads each state once (a chain of
-    fused ``addcmul_``) and saves them by reference (no stacked copy);
-    backward passes ``dL/dy`` through uncopied and reads each state once more
-    for ``dL/dw_k = <h_k, g>``. ``dL/dh_k = w_k g`` goes either straight to
-    autograd or, inside a stack, through :class:`StackGradients`. The weights
-    come as separate 0-d tensors, so no unbind or stack per layer.
+    Forward reads each state once (one ``addcmul`` chain into a fresh
+    output) and saves the states by reference, not as a stacked copy.
+    Backward hands ``dL/dy = g`` through uncopied and computes
+    ``dL/dw_k = <h_k, g>`` and ``dL/dh_k = w_k g``. Written with plain ops this
+    sum would be ``2K`` autograd nodes, each weight gradient a full-size
+    temporary ``g * h_k`` before its sum.
 
-    Inputs: ``y, stack, (layer, routes), w_1 .. w_K, h_1 .. h_K`` (``stack`` a
-    :class:`StackGradients` or None, see :meth:`StackGradients.routes`). The classic ``forward(ctx, ...)`` form:
-    with ``setup_context`` every call re-binds its arguments through
-    ``inspect.signature`` (~5% of a step).
+    ``w`` is the skip's whole ``(H,)`` weight row (window-aligned: the last
+    ``K`` entries belong to the ``K`` states); its gradient is ``(H,)`` too,
+    zero outside the window. The ``setup_context`` form with a generated vmap
+    rule keeps it usable under ``torch.func`` and ``torch.compile``.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, stack, routes, *weights_and_states: torch.Tensor) -> torch.Tensor:
-        k = len(weights_and_states) // 2
-        weights, states = weights_and_states[:k], weights_and_states[k:]
+    def forward(y: torch.Tensor, w: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
+        weights = w.unbind(-1)[w.shape[-1] - len(states) :]
         out = torch.addcmul(y, states[0], weights[0])
         for h, w_k in zip(states[1:], weights[1:], strict=True):
             out.addcmul_(h, w_k)
-        ctx.save_for_backward(*weights_and_states)
-        ctx.stack, ctx.routes = stack, routes
         return out
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
     def backward(ctx, g: torch.Tensor):
-        saved = ctx.saved_tensors
-        k = len(saved) // 2
-        weights, states = saved[:k], saved[k:]
-        needs = ctx.needs_input_grad[3:]
-        flat = g.reshape(-1)
-        grad_w = [torch.dot(h.reshape(-1), flat) if need else None for h, need in zip(states, needs[:k], strict=True)]
-        if ctx.stack is not None and not torch.is_grad_enabled():
-            grad_h = ctx.stack.state_grads(g, *ctx.routes, weights, needs[k:])
-        else:  # standalone skip, or create_graph=True (keep it differentiable)
-            grad_h = torch._foreach_mul([g] * k, list(weights))
-        return (g, None, None, *grad_w, *grad_h)
+        w, *states = ctx.saved_tensors
+        k, h = len(states), w.shape[-1]
+        need_w, need_states = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
+        grad_w = None
+        if need_w:
+            flat = g.reshape(-1)
+            dots = [torch.dot(s.reshape(-1), flat) for s in states]
+            grad_w = torch.stack(dots if k == h else [flat.new_zeros(())] * (h - k) + dots)
+        weights = w.unbind(-1)[h - k :]
+        grad_states = [g * w_k if need else None for w_k, need in zip(weights, need_states, strict=True)]
+        return (g, grad_w, *grad_states)
 
 
-def mix_kernel():
-    """The C++ kernel when it may run here, else None.
+def mix(y: torch.Tensor, weights: torch.Tensor, states: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""The skip's sum ``y + sum_k w_k h_k`` over a window of ``K`` states.
 
-    Dynamo and the JIT tracer record Python-level ops, to which a pybind call
-    would be opaque (a silent constant in a trace); torch.func transforms
-    (vmap, grad, ...) cannot see through it either.
+    .. math:: \mathrm{out} = y + \sum_{k=1}^{K} w_{H-K+k}\, h_k
+
+    Args:
+        y: the layer's output, any shape.
+        weights: the ``(H,)`` window-aligned weights (:func:`mixing_weights`),
+            in ``y``'s dtype; only the last ``K`` are read.
+        states: ``K >= 1`` tensors shaped like ``y``, oldest first.
     """
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None
-    return native_kernel()
-
-
-def _mix(
-    y: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    states: Sequence[torch.Tensor],
-    stack: StackGradients | None = None,
-    routes: tuple | None = None,
-    table: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``y + sum_k weights[k] * states[k]`` (``weights`` 0-d tensors); no host sync.
-
-    Runs the C++ node when it is built (see ``_native.py``), else ``_Mix``.
-    ``table`` (C++ kernel, with ``stack``): ``MHCSequential``'s ``(L, H)``
-    weights instead of ``weights``; layer ``routes[0]`` mixes with the last
-    ``K`` entries of its row.
-    """
-    if torch._C._are_functorch_transforms_active():
-        # torch.func cannot transform a classic Function; the same sum
-        # written with plain ops can.
-        out = y
-        for w_k, h in zip(weights, states, strict=True):
-            out = out + w_k * h
-        return out
-    kernel = mix_kernel()
-    if kernel is not None and stack is None:
-        return kernel.mix(y, weights, states, None, 0, ())
-    if kernel is not None and stack.native is not None:
-        return kernel.mix(y, weights, states, stack.native, *routes, table=table)
-    return _Mix.apply(y, stack, routes, *weights, *states)
+    return _Mix.apply(y, weights, *states)
 
 
 def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:
@@ -451,6 +359,7 @@ class MHCSkip(nn.Module):
     ) -> None:
         super().__init__()
         check_skip_options(mode, max_history, constraint, epsilon, temperature, init, prune_threshold)
+        check_bools(auto_project=auto_project, use_gating=use_gating, stochastic=stochastic)
         self.mode = mode
         self.max_history = max_history
         self.constraint = constraint
@@ -468,7 +377,8 @@ class MHCSkip(nn.Module):
         if mode != "residual":
             self.mixing_logits = nn.Parameter(torch.zeros(max_history))
             if use_gating:
-                self.gate_logit = nn.Parameter(torch.zeros(()))
+                # Shape (1,), not (): FSDP2 shards parameters along dim 0.
+                self.gate_logit = nn.Parameter(torch.zeros(1))
         self.reset_parameters(init)
 
     @torch.no_grad()
@@ -493,7 +403,7 @@ class MHCSkip(nn.Module):
 
         Includes pruning, the Gumbel perturbation when it applies (training
         mode, ``stochastic=True``) and the gate. The skip's output is
-        ``x + sum_j w[j] * h_j`` over the window.
+        ``x + sum_j w[j] * h_j`` over the window (:func:`mix`).
         """
         if self.mode == "residual":
             return window_weights(torch.zeros(self.max_history), num_states, mode="residual")
@@ -533,8 +443,6 @@ class MHCSkip(nn.Module):
         history: Sequence[torch.Tensor] | HistoryBuffer | None = None,
         *,
         gumbel_noise: torch.Tensor | None = None,
-        weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        _stack: tuple[StackGradients, int] | None = None,
     ) -> torch.Tensor:
         """Mix the window into ``x``.
 
@@ -543,13 +451,6 @@ class MHCSkip(nn.Module):
             history: a list of tensors (oldest first), a :class:`HistoryBuffer`, or None.
             gumbel_noise: optional ``(H,)`` noise aligned with ``mixing_logits``,
                 used instead of sampling (for reproducible tests).
-            weights: optional precomputed output of :meth:`mixing_weights` for
-                this window: the ``(H,)`` tensor, or its ``H`` entries as 0-d
-                tensors in ``x``'s dtype (how ``MHCSequential``, which projects
-                every layer at once, passes them without the C++ kernel; with
-                it, the stack passes its whole ``(L, H)`` table and ``_stack``).
-            _stack: ``MHCSequential``'s gradient accumulator and this layer's
-                index (internal).
         Returns:
             ``x + g * sum_k alpha_k h_k``, the shape and dtype of ``x``.
         """
@@ -557,7 +458,22 @@ class MHCSkip(nn.Module):
             history = []
         elif isinstance(history, HistoryBuffer):
             history = history.get()
+        elif isinstance(history, torch.Tensor):
+            raise TypeError(
+                "history must be a list of tensors (oldest first), a HistoryBuffer or None, "
+                f"got a tensor of shape {tuple(history.shape)}; wrap a single state as [state]"
+            )
         window = list(history)[-self.max_history :]
+        weights = None
+        if window and self.mode != "residual":
+            weights = self.mixing_weights(len(window), gumbel_noise=gumbel_noise)
+        return self._mix_window(x, window, weights)
+
+    def _mix_window(self, x: torch.Tensor, window: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+        """``x + sum_k w_k h_k`` for a window of at most ``H`` states and its
+        ``(H,)`` weights from :meth:`mixing_weights` (None in residual mode or
+        for an empty window). What :class:`MHCSequential` calls per layer,
+        having projected every layer's weights at once."""
         states = self._match_shape(x, window)
         k = len(states)
         if self.last_num_states != k:  # nn.Module.__setattr__ is slow on the hot path
@@ -566,18 +482,7 @@ class MHCSkip(nn.Module):
             return x
         if self.mode == "residual":
             return x + states[-1]
-        if _stack is not None and isinstance(weights, torch.Tensor) and weights.dim() == 2:
-            # MHCSequential's (L, H) table for the C++ kernel: row `layer` is ours.
-            stack, layer = _stack
-            return _mix(x, (), states, stack, (layer, stack.routes(layer, states, window)), table=weights)
-        if weights is None:
-            weights = self.mixing_weights(k, gumbel_noise=gumbel_noise)
-        if isinstance(weights, torch.Tensor):
-            weights = weights.to(x.dtype).unbind()
-        if _stack is None:
-            return _mix(x, weights[self.max_history - k :], states)
-        stack, layer = _stack
-        return _mix(x, weights[self.max_history - k :], states, stack, (layer, stack.routes(layer, states, window)))
+        return mix(x, weights.to(x.dtype), states)
 
     def _match_shape(self, x: torch.Tensor, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Check each state's shape against ``x``; auto-project the feature axis if allowed."""
@@ -615,6 +520,9 @@ class MHCSkip(nn.Module):
         # Create the lazily built projections a checkpoint holds, so a fresh
         # skip loads it without a warm-up forward.
         device = self.mixing_logits.device if self.mode != "residual" else None
+        gate = state_dict.get(prefix + "gate_logit")
+        if gate is not None and gate.dim() == 0:  # saved before the gate became (1,)
+            state_dict[prefix + "gate_logit"] = gate.reshape(1)
         for key, value in state_dict.items():
             match = _PROJECTION_KEY.fullmatch(key[len(prefix) :]) if key.startswith(prefix) else None
             if match and not hasattr(self, f"projection_from_{match.group(1)}"):

@@ -85,7 +85,7 @@ def _inputs(case):
         init = mhc_torch.identity_init_logits(h, o["mode"], tau) if o["init"] == "identity" else np.zeros(h, np.float32)
         params["mixing_logits"] = (init + case["spread"] * tau * rng.normal(size=h)).astype(np.float32)
         if o["use_gating"]:
-            params["gate_logit"] = np.float32(rng.normal() * 2)
+            params["gate_logit"] = np.full((1,), rng.normal() * 2, np.float32)
     window = states[-o["max_history"] :]
     if any(s.shape != shape for s in window):
         weight = rng.uniform(-0.6, 0.6, (shape[axis], OTHER_FEATURES)).astype(np.float32)

@@ -86,7 +86,7 @@ def _build(case, device):
             if "mixing_logits" in skip:
                 skip["mixing_logits"] = spread(skip["mixing_logits"])
             if "gate_logit" in skip:
-                skip["gate_logit"] = np.float32(rng.normal() * 2)
+                skip["gate_logit"] = np.full((1,), rng.normal() * 2, np.float32)
         load_flax(tmodel, params)
     noise = None
     if o["stochastic"] and case["training"] and o["mode"] != "residual":

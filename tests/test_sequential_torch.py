@@ -9,9 +9,6 @@ from torch import nn
 from mhc_torch import HistoryBuffer, MHCSequential
 from tests.test_skip_torch import _forbid_host_sync
 
-# Every test here runs with the C++ mixing kernel and with the Python one.
-pytestmark = pytest.mark.usefixtures("mix_kernel")
-
 WIDTH = 6
 
 
@@ -107,12 +104,13 @@ def _all_states_by_skip(model: MHCSequential, *inputs: torch.Tensor) -> list[tor
 
 
 def _all_states_by_stack(model: MHCSequential, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """The same states from ``model(x)`` calls (StackGradients sums the history gradients)."""
+    """The same states from ``model(x)`` calls: each layer's input, then the output."""
     states = []
-    hooks = [skip.register_forward_hook(lambda m, i, out: states.append(out)) for skip in model.skip_layers]
+    hooks = [m.register_forward_pre_hook(lambda m, args: states.append(args[0])) for m in model.wrapped_modules]
     for x in inputs:
-        states.append(x)
-        assert model(x) is states[-1]
+        out = model(x)
+        assert states[-len(model.wrapped_modules)] is x
+        states.append(out)
     for hook in hooks:
         hook.remove()
     return states

@@ -157,7 +157,7 @@ def test_gate_scales_the_mix(backend):
     states = list(rng.normal(size=(2, 3)).astype(np.float32))
     logits = np.array([0.3, -0.2], np.float32)
     ungated, _ = backend.run_skip(dict(max_history=2), {"mixing_logits": logits}, x, states, np.zeros(3, np.float32))
-    params = {"mixing_logits": logits, "gate_logit": np.float32(-0.7)}
+    params = {"mixing_logits": logits, "gate_logit": np.full((1,), -0.7, np.float32)}
     gated, _ = backend.run_skip(dict(max_history=2, use_gating=True), params, x, states, np.zeros(3, np.float32))
     gate = 1 / (1 + math.exp(0.7))
     np.testing.assert_allclose(gated - x, gate * (ungated - x), atol=1e-6)

@@ -19,7 +19,7 @@ def _inputs(k=3, shape=(2, 4)):
 def test_parameter_tree_uses_the_shared_names():
     x, states = _inputs()
     tree = jax.tree.map(jnp.shape, MHCSkip(use_gating=True, max_history=5).init(jax.random.key(0), x, states))
-    assert tree == {"params": {"mixing_logits": (5,), "gate_logit": ()}}
+    assert tree == {"params": {"mixing_logits": (5,), "gate_logit": (1,)}}
     assert MHCSkip(mode="residual").init(jax.random.key(0), x, states) == {}
 
 

