@@ -16,16 +16,21 @@ from . import convert
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
+from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
 __all__ = [
     "History",
+    "HyperConnection",
     "MHCSequential",
     "MHCSkip",
     "MixingWarning",
     "convert",
     "diagnose",
+    "expand_streams",
     "extract_mixing_weights",
+    "hc_coefficients",
     "identity_init_logits",
+    "mhc_coefficients",
     "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
@@ -34,5 +39,6 @@ __all__ = [
     "project_identity_preserving",
     "project_simplex",
     "project_softmax",
+    "reduce_streams",
     "window_weights",
 ]

@@ -171,46 +171,121 @@ def project_doubly_stochastic(
 ) -> jax.Array:
     r"""Sinkhorn-Knopp projection of ``exp(M / tau)`` to a doubly stochastic matrix.
 
-    Works in log space, so large logits cannot overflow. Each iteration
-    normalises columns, then rows:
+    Works in log space, so large logits cannot overflow. Starting from
+    ``L_0 = M / tau``, each of the ``T = iterations`` sweeps normalises the
+    columns, then the rows:
 
     .. math::
-        L \leftarrow L - \mathrm{logsumexp}_{\text{rows}}(L), \qquad
-        L \leftarrow L - \mathrm{logsumexp}_{\text{cols}}(L), \qquad
-        P = \exp(L)
+        C_t = L_{t-1} - \log \textstyle\sum_i \exp (L_{t-1})_{ij}, \qquad
+        L_t = C_t - \log \textstyle\sum_j \exp (C_t)_{ij}, \qquad
+        P = \exp(L_T).
 
-    starting from ``L = M / tau``. Rows sum to 1 exactly (the last step
-    normalises them); columns converge to 1 as ``iterations`` grows (fast for
-    moderate logits, slowly when ``M / tau`` is nearly a permutation).
+    Rows sum to 1 exactly (the last step normalises them); columns converge to
+    1 as ``iterations`` grows (fast for moderate logits, slowly when
+    ``M / tau`` is nearly a permutation) and carry the truncation error.
+
+    **Gradient.** The derivative is that of the ``T`` sweeps as written (the
+    truncated loop, not the limit), but the forward pass keeps only ``M / tau``
+    for it, never the ``2T`` iterates: the backward pass recomputes the sweeps
+    and walks them back. With ``s = softmax`` of a step's input (its output's
+    exponential), the pullback of ``y = x - logsumexp(x)`` along an axis is
+    ``g_x = g_y - exp(y) * sum(g_y)``, so
+
+    .. math::
+        \bar L_T = \bar P \odot P, \quad
+        \bar C_t = \bar L_t - e^{L_t} \textstyle\sum_j (\bar L_t)_{ij}, \quad
+        \bar L_{t-1} = \bar C_t - e^{C_t} \textstyle\sum_i (\bar C_t)_{ij}.
+
+    The iterates live only while one backward pass runs; between the forward
+    and the backward pass a layer holds one ``(..., n, n)`` array. (Implicit
+    differentiation at the fixed point would need no recomputation, but its
+    gradient is that of the limit, not of the ``T`` sweeps the forward pass
+    computed.) The map is a ``jax.custom_vjp``: reverse mode, ``jit``,
+    ``vmap`` and ``scan`` work; forward mode (``jax.jvp``, ``jacfwd``) does not.
+
+    **dtype.** bfloat16 and float16 logits are projected in float32 and the
+    result rounded once to their dtype; float32 and float64 stay in their own
+    precision.
+
+    **Non-finite logits.** A matrix holding a NaN or an infinite ``M / tau``
+    (even ``-inf``) gives NaN for every entry of that matrix, never a silent
+    zero; other matrices of the batch, and their gradients, are unaffected.
 
     Args:
       logits: ``M``, shape ``(..., n, n)`` (square in the last two axes).
-      iterations: number of column-then-row sweeps, ``>= 1``.
+      iterations: number of column-then-row sweeps ``T``, an int ``>= 1``.
       temperature: ``tau > 0``.
 
     Returns:
-      Non-negative matrices of the same shape.
+      Non-negative matrices of the same shape and dtype (NaN for a matrix with
+      a non-finite logit).
     """
     check_temperature(temperature)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    logits = jnp.asarray(logits)
     if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(
             "project_doubly_stochastic needs square matrices in the last two "
             f"axes, got shape {tuple(logits.shape)}"
         )
+    dtype = logits.dtype if jnp.issubdtype(logits.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+    # Half precision is projected in float32: a bfloat16 logsumexp loses the
+    # small entries that the column sums are made of.
+    compute = dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+    return _sinkhorn_projection(logits.astype(compute), jnp.asarray(temperature, compute), iterations).astype(dtype)
 
+
+@functools.partial(jax.jit, static_argnums=2)
+def _sinkhorn_projection(logits: jax.Array, temperature: jax.Array, iterations: int) -> jax.Array:
     return _sinkhorn(logits / temperature, iterations)
 
 
-def _sinkhorn_sweep(_, log_p: jax.Array) -> jax.Array:
+def _sinkhorn_sweep(log_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One sweep: (columns normalised, then rows normalised), in log space."""
     # log_softmax is L - logsumexp(L) computed as (L - max) - log(sum(exp(L - max))):
     # the exact subtraction comes first, so log-values of order 1e3-1e7 do not
     # lose the small normaliser to rounding.
-    log_p = jax.nn.log_softmax(log_p, axis=-2)
-    return jax.nn.log_softmax(log_p, axis=-1)
+    log_c = jax.nn.log_softmax(log_p, axis=-2)
+    return log_c, jax.nn.log_softmax(log_c, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _sinkhorn(log_p: jax.Array, iterations: int) -> jax.Array:
-    return jnp.exp(jax.lax.fori_loop(0, iterations, _sinkhorn_sweep, log_p))
+def _finite_part(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Which matrices are finite, and ``z`` with the others zeroed (so no NaN enters the sweeps)."""
+    finite = jnp.all(jnp.isfinite(z), axis=(-2, -1), keepdims=True)
+    return finite, jnp.where(finite, z, jnp.zeros_like(z))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sinkhorn(z: jax.Array, iterations: int) -> jax.Array:
+    finite, z = _finite_part(z)
+    p = jnp.exp(jax.lax.fori_loop(0, iterations, lambda _, log_p: _sinkhorn_sweep(log_p)[1], z))
+    return jnp.where(finite, p, jnp.full_like(p, jnp.nan))
+
+
+def _sinkhorn_fwd(z: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
+    # The only residual is the input: the iterates (and the finite mask) are
+    # recomputed in _sinkhorn_bwd.
+    return _sinkhorn(z, iterations), z
+
+
+def _sinkhorn_bwd(iterations: int, z: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    finite, z = _finite_part(z)
+
+    def forward(log_p, _):
+        log_c, log_r = _sinkhorn_sweep(log_p)
+        return log_r, (jnp.exp(log_c), jnp.exp(log_r))
+
+    _, (c, r) = jax.lax.scan(forward, z, None, length=iterations)
+
+    def backward(g_log, exps):
+        c_t, r_t = exps
+        g_col = g_log - r_t * jnp.sum(g_log, axis=-1, keepdims=True)  # through the row step
+        return g_col - c_t * jnp.sum(g_col, axis=-2, keepdims=True), None  # through the column step
+
+    g = jnp.where(finite, g, jnp.zeros_like(g))
+    g_z, _ = jax.lax.scan(backward, g * r[-1], (c, r), reverse=True)
+    return (jnp.where(finite, g_z, jnp.zeros_like(g_z)),)
+
+
+_sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)

@@ -21,9 +21,11 @@ from .projections import (
 )
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
+from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
 __all__ = [
     "HistoryBuffer",
+    "HyperConnection",
     "MHCInjected",
     "MHCLightningCallback",
     "MHCSequential",
@@ -31,10 +33,13 @@ __all__ = [
     "MixingWarning",
     "clear_history",
     "diagnose",
+    "expand_streams",
     "extract_mixing_weights",
+    "hc_coefficients",
     "identity_init_logits",
     "inject_mhc",
     "is_mhc_compatible",
+    "mhc_coefficients",
     "mhc_compatible",
     "mixing_metrics",
     "mixing_weights",
@@ -44,6 +49,7 @@ __all__ = [
     "project_identity_preserving",
     "project_simplex",
     "project_softmax",
+    "reduce_streams",
     "window_weights",
 ]
 

@@ -185,25 +185,54 @@ def project_doubly_stochastic(
 ) -> torch.Tensor:
     r"""Sinkhorn-Knopp projection of ``exp(M / tau)`` to a doubly stochastic matrix.
 
-    Works in log space, so large logits cannot overflow. Each iteration
-    normalises columns, then rows:
+    Works in log space, so large logits cannot overflow. Starting from
+    ``L_0 = M / tau``, each of the ``T = iterations`` sweeps normalises the
+    columns, then the rows:
 
     .. math::
-        L \leftarrow L - \mathrm{logsumexp}_{\text{rows}}(L), \qquad
-        L \leftarrow L - \mathrm{logsumexp}_{\text{cols}}(L), \qquad
-        P = \exp(L)
+        C_t = L_{t-1} - \log \textstyle\sum_i \exp (L_{t-1})_{ij}, \qquad
+        L_t = C_t - \log \textstyle\sum_j \exp (C_t)_{ij}, \qquad
+        P = \exp(L_T).
 
-    starting from ``L = M / tau``. Rows sum to 1 exactly (the last step
-    normalises them); columns converge to 1 as ``iterations`` grows (fast for
-    moderate logits, slowly when ``M / tau`` is nearly a permutation).
+    Rows sum to 1 exactly (the last step normalises them); columns converge to
+    1 as ``iterations`` grows (fast for moderate logits, slowly when
+    ``M / tau`` is nearly a permutation) and carry the truncation error.
+
+    **Gradient.** The derivative is that of the ``T`` sweeps as written (the
+    truncated loop, not the limit), but the forward pass keeps only ``M / tau``
+    for it, never the ``2T`` iterates: the backward pass recomputes the sweeps
+    and walks them back. The pullback of ``y = x - logsumexp(x)`` along an
+    axis is ``g_x = g_y - exp(y) * sum(g_y)``, so
+
+    .. math::
+        \bar L_T = \bar P \odot P, \quad
+        \bar C_t = \bar L_t - e^{L_t} \textstyle\sum_j (\bar L_t)_{ij}, \quad
+        \bar L_{t-1} = \bar C_t - e^{C_t} \textstyle\sum_i (\bar C_t)_{ij}.
+
+    The iterates live only while one backward pass runs; between the forward
+    and the backward pass a layer holds one ``(..., n, n)`` tensor. (Implicit
+    differentiation at the fixed point would need no recomputation, but its
+    gradient is that of the limit, not of the ``T`` sweeps the forward pass
+    computed.) The map is a ``torch.autograd.Function`` with a vmap rule
+    (``torch.func.vmap`` and ``grad`` work, forward-mode AD does not, as for
+    :func:`project_simplex`).
+
+    **dtype.** bfloat16 and float16 logits are projected in float32 and the
+    result rounded once to their dtype; float32 and float64 stay in their own
+    precision.
+
+    **Non-finite logits.** A matrix holding a NaN or an infinite ``M / tau``
+    (even ``-inf``) gives NaN for every entry of that matrix, never a silent
+    zero; other matrices of the batch, and their gradients, are unaffected.
 
     Args:
         logits: ``M``, shape ``(..., n, n)`` (square in the last two dimensions).
-        iterations: number of column-then-row sweeps, ``>= 1``.
+        iterations: number of column-then-row sweeps ``T``, an int ``>= 1``.
         temperature: ``tau > 0``.
 
     Returns:
-        Non-negative matrices of the same shape.
+        Non-negative matrices of the same shape and dtype (NaN for a matrix
+        with a non-finite logit).
     """
     check_temperature(temperature)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -213,11 +242,64 @@ def project_doubly_stochastic(
             "project_doubly_stochastic needs square matrices in the last two "
             f"dimensions, got shape {tuple(logits.shape)}"
         )
-    log_p = logits / temperature
-    for _ in range(iterations):
-        # log_softmax is L - logsumexp(L) computed as (L - max) - log(sum(exp(L - max))):
-        # the exact subtraction comes first, so log-values of order 1e3-1e7 do
-        # not lose the small normaliser to rounding.
-        log_p = torch.log_softmax(log_p, dim=-2)
-        log_p = torch.log_softmax(log_p, dim=-1)
-    return torch.exp(log_p)
+    dtype = logits.dtype if logits.dtype.is_floating_point else torch.float32
+    # Half precision is projected in float32: a bfloat16 logsumexp loses the
+    # small entries that the column sums are made of.
+    z = logits.to(torch.promote_types(dtype, torch.float32)) / temperature
+    return _Sinkhorn.apply(z, iterations).to(dtype)
+
+
+def _sinkhorn_sweep(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sweep: (columns normalised, then rows normalised), in log space."""
+    # log_softmax is L - logsumexp(L) computed as (L - max) - log(sum(exp(L - max))):
+    # the exact subtraction comes first, so log-values of order 1e3-1e7 do not
+    # lose the small normaliser to rounding.
+    log_c = torch.log_softmax(log_p, dim=-2)
+    return log_c, torch.log_softmax(log_c, dim=-1)
+
+
+def _finite_part(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which matrices are finite, and ``z`` with the others zeroed (so no NaN enters the sweeps)."""
+    finite = torch.isfinite(z).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    return finite, torch.where(finite, z, 0)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """``exp`` of ``iterations`` sweeps; the backward pass recomputes the iterates.
+
+    A matrix with a non-finite entry is swept as zeros and comes out as NaN,
+    with a zero gradient (the NaN reaches the loss through the output).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: torch.Tensor, iterations: int) -> torch.Tensor:
+        finite, log_p = _finite_part(z)
+        for _ in range(iterations):
+            log_p = _sinkhorn_sweep(log_p)[1]
+        return torch.where(finite, torch.exp(log_p), math.nan)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, iterations = inputs
+        # The only saved tensor is the input: the iterates (and the finite
+        # mask) are recomputed in backward.
+        ctx.save_for_backward(z)
+        ctx.iterations = iterations
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        finite, log_p = _finite_part(z)
+        exps = []
+        for _ in range(ctx.iterations):
+            log_c, log_p = _sinkhorn_sweep(log_p)
+            exps.append((torch.exp(log_c), torch.exp(log_p)))
+        g_log = torch.where(finite, g, 0) * exps[-1][1]
+        for c_t, r_t in reversed(exps):
+            g_col = g_log - r_t * g_log.sum(dim=-1, keepdim=True)  # through the row step
+            g_log = g_col - c_t * g_col.sum(dim=-2, keepdim=True)  # through the column step
+        return torch.where(finite, g_log, 0), None
+
+    # No jvp: torch.compile (Dynamo) cannot trace a Function that defines one.

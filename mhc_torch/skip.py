@@ -240,7 +240,7 @@ def sample_gumbel(shape, *, device=None, dtype=torch.float32, generator=None) ->
 
 
 class _Mix(torch.autograd.Function):
-    r"""``y + sum_k w_k h_k`` in one node, with the least memory traffic eager torch allows.
+    """``y + sum_k w_k h_k`` in one node, with the least memory traffic eager torch allows.
 
     Forward reads each state once (one ``addcmul`` chain into a fresh
     output) and saves the states by reference, not as a stacked copy.
@@ -251,23 +251,21 @@ class _Mix(torch.autograd.Function):
 
     ``w`` is the skip's whole ``(H,)`` weight row (window-aligned: the last
     ``K`` entries belong to the ``K`` states); its gradient is ``(H,)`` too,
-    zero outside the window. The ``setup_context`` form with a generated vmap
-    rule keeps it usable under ``torch.func`` and ``torch.compile``.
+    zero outside the window. The classic ``forward(ctx, ...)`` form: with
+    ``setup_context`` every call re-binds its arguments through
+    ``inspect.signature``, a few percent of a training step. The price is
+    that ``torch.func`` transforms refuse it (with torch's own clear error);
+    ``torch.compile`` and ``torch.utils.checkpoint`` work.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(y: torch.Tensor, w: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, y: torch.Tensor, w: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
         weights = w.unbind(-1)[w.shape[-1] - len(states) :]
         out = torch.addcmul(y, states[0], weights[0])
         for h, w_k in zip(states[1:], weights[1:], strict=True):
             out.addcmul_(h, w_k)
+        ctx.save_for_backward(w, *states)
         return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -48,6 +48,6 @@ def pt(device) -> TorchBackend:
 def pytest_terminal_summary(terminalreporter):
     if not WORST:
         return
-    terminalreporter.section("parity: worst jax-torch difference seen (normalised as in SPEC.md)")
+    terminalreporter.section("parity: worst jax-torch difference seen (normalised as in docs/parity.md)")
     for (kind, device, what), worst in sorted(WORST.items()):
         terminalreporter.write_line(f"{device:>4} {kind:<10} {what:<40} {worst:.2e}")

@@ -1,4 +1,4 @@
-"""Tolerances (SPEC.md "Parity tolerances") and the comparison every parity test uses."""
+"""Tolerances (docs/parity.md) and the comparison every parity test uses."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ WORST: dict[tuple[str, str, str], float] = {}
 
 
 def assert_parity(jax_value, torch_value, *, kind: str, device: str, what: str) -> None:
-    """Assert the two packages agree within SPEC.md's tolerance for ``kind``.
+    """Assert the two packages agree within the tolerance of docs/parity.md for ``kind``.
 
     Projections are compared absolutely (their values lie in [0, 1] or are
     gradients of order 1); skips and stacks relative to ``max(1, |value|)``.

@@ -8,7 +8,7 @@ in stochastic training, the same Gumbel noise. The JAX skip is fed either a
 list of states or a ``History`` ring buffer holding the same states.
 
 Arrays are kept small (at most 16 elements) so a gradient's reductions are
-short enough for SPEC.md's 1e-6 skip tolerance to measure the two
+short enough for the 1e-6 skip tolerance of docs/parity.md to measure the two
 implementations rather than float32 summation order. Logit gradients are
 compared after multiplying by ``tau`` (see test_projections_parity.py).
 """

@@ -3,7 +3,7 @@
 Hypothesis builds random stacks (depth 1..12, H 1..6, every mode, constraint
 and option, four layer kinds), converts the weights torch -> Flax or Flax ->
 torch, and compares outputs and gradients with respect to the input and every
-parameter within SPEC.md's stack tolerance (1e-5 relative on CPU). Some
+parameter within the stack tolerance of docs/parity.md (1e-5 relative on CPU). Some
 examples also run the scanned JAX stack and check it against the unrolled
 one. A fixed depth-50 case runs in both directions.
 """

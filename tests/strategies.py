@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 BATCH_SHAPES = [(), (3,), (2, 3)]
-#: The spec's stability range: |logits| <= 1e4, 1e-3 <= temperature <= 1e3.
+#: The documented stability range (docs/mathematics.md): |logits| <= 1e4, 1e-3 <= temperature <= 1e3.
 MAX_LOGIT = 1e4
 TEMPERATURES = (1e-3, 1e3)
 

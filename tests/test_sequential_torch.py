@@ -23,7 +23,7 @@ def _stack(depth=5, **options) -> MHCSequential:
 
 
 def _manual(model: MHCSequential, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The SPEC's loop, with each skip called on its own."""
+    """The documented loop (docs/mathematics.md), with each skip called on its own."""
     h = model.max_history
     window = [x]
     for layer, skip in zip(model.wrapped_modules, model.skip_layers, strict=True):
@@ -90,7 +90,7 @@ def test_checkpointing_gives_the_same_gradients():
 
 
 def _all_states_by_skip(model: MHCSequential, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """``x_0 .. x_L`` per input from the SPEC's loop, each skip called on its
+    """``x_0 .. x_L`` per input from the documented loop, each skip called on its
     own (plain autograd: every state gets ``H`` separate history gradients).
     Several inputs run one after another, carrying the window over."""
     h, window, states = model.max_history, [], []

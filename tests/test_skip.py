@@ -38,7 +38,7 @@ def _weights(backend, options, logits, k, **run):
 
 
 def _expected(backend, options, logits, k):
-    """The SPEC's weights for the last k logits, from the public projections."""
+    """The documented weights (docs/mathematics.md) for the last k logits, from the public projections."""
     lib, mode = backend.lib, options.get("mode", "mhc")
     if mode == "residual":
         return np.eye(k, dtype=np.float32)[-1]
