@@ -3,7 +3,9 @@
 ``HistoryBuffer`` keeps the most recent ``max_history`` states, oldest first.
 It is an ``nn.Module`` without parameters so that moving the model that owns it
 (``.to(device)``, ``.to(dtype)``, ``.cuda()``, ``.half()``) moves the states it
-holds as well; nothing in it is saved in a ``state_dict``.
+holds as well; nothing in it is saved in a ``state_dict``. Copying it
+(``copy.deepcopy``, ``pickle``, ``torch.save`` of the whole model) keeps the
+states' values but not their autograd graphs.
 
 The JAX twin is :class:`mhc_jax.History`, a value rather than a container.
 """
@@ -16,7 +18,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["HistoryBuffer", "check_max_history"]
+__all__ = ["HistoryBuffer", "check_bool", "check_max_history"]
+
+
+def check_bool(name: str, value) -> None:
+    """Raise ``TypeError`` unless ``value`` is a ``bool``.
+
+    ``bool("False")`` is True: a string or number where a switch belongs is a
+    mistake, never a truthy value to guess from.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
 
 
 def check_max_history(max_history) -> None:
@@ -36,6 +48,13 @@ class HistoryBuffer(nn.Module):
     clear it between batches, or features of one batch leak into the next
     ("temporal bleeding").
 
+    A copy (``copy.deepcopy``, or ``pickle``/``torch.save`` of a model that
+    holds the buffer) carries the states *detached*: their values are kept,
+    their autograd graphs are not (a graph belongs to the forward pass that
+    built it, and non-leaf tensors can be neither deep-copied nor pickled).
+    The copy and the original then fill and clear independently; a backward
+    pass through the copy's old states reaches nothing.
+
     Args:
         max_history: ``H >= 1``, the number of states kept.
         detach_history: store states detached from the autograd graph. Saves
@@ -46,8 +65,9 @@ class HistoryBuffer(nn.Module):
     def __init__(self, max_history: int, detach_history: bool = False) -> None:
         super().__init__()
         check_max_history(max_history)
+        check_bool("detach_history", detach_history)
         self.max_history = max_history
-        self.detach_history = bool(detach_history)
+        self.detach_history = detach_history
         self._states: deque[torch.Tensor] = deque(maxlen=max_history)
 
     def append(self, state: torch.Tensor) -> None:
@@ -66,6 +86,13 @@ class HistoryBuffer(nn.Module):
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def __getstate__(self) -> dict:
+        # deepcopy and pickle both go through here: hand them the states
+        # detached (values, no graph), as the class docstring says.
+        state = dict(super().__getstate__())  # a copy: never edit the live __dict__
+        state["_states"] = deque((s.detach() for s in self._states), maxlen=self.max_history)
+        return state
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
         # nn.Module.to/cuda/half/double all funnel through _apply; mapping the

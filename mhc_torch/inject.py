@@ -8,11 +8,15 @@ window of earlier states::
 The first wrapped layer to run in a forward pass starts the window with its
 input (``x_0``), so a plain chain of wrapped layers computes what
 ``MHCSequential`` computes.
+
+Everything ``inject_mhc`` adds to a model is a plain module attribute or a
+module-level object (no closures), so an injected model can be deep-copied,
+pickled and ``torch.save``-d whole, and a copy clears its own windows.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -37,13 +41,19 @@ class MHCInjected(nn.Module):
         history: the :class:`HistoryBuffer` holding the window; one per wrapped
             layer (``history_scope="module"``) or one shared by all of them
             (``"global"``).
+        clear_on_forward: whether the model's forward pre-hook empties this
+            window at the start of every call of the model (the
+            ``clear_on_forward`` given to :func:`inject_mhc`).
     """
 
-    def __init__(self, layer: nn.Module, skip: MHCSkip, history: HistoryBuffer) -> None:
+    def __init__(
+        self, layer: nn.Module, skip: MHCSkip, history: HistoryBuffer, clear_on_forward: bool = True
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.skip = skip
         self.history = history
+        self.clear_on_forward = clear_on_forward
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if len(self.history) == 0:
@@ -109,7 +119,8 @@ def inject_mhc(
         history = shared if shared is not None else HistoryBuffer(max_history)
         if not any(history is b for b in created):
             created.append(history)
-        return MHCInjected(layer, MHCSkip(max_history=max_history, **skip_options), history)
+        skip = MHCSkip(max_history=max_history, **skip_options)
+        return MHCInjected(layer, skip, history, clear_on_forward=clear_on_forward)
 
     for parent in _containers(model):
         for name, child in list(parent.named_children()):
@@ -118,20 +129,36 @@ def inject_mhc(
 
     if created:
         if not hasattr(model, "clear_history"):
-            model.clear_history = types.MethodType(_clear_history_method, model)
-        if clear_on_forward:
-
-            def clear_windows(module, args) -> None:
-                for buffer in created:
-                    buffer.clear()
-
-            model.register_forward_pre_hook(clear_windows)
+            # A partial, not a bound method in the instance dict: it pickles.
+            model.clear_history = functools.partial(_clear_history_method, model)
+        if clear_on_forward and not any(isinstance(h, ClearWindows) for h in model._forward_pre_hooks.values()):
+            model.register_forward_pre_hook(ClearWindows())
         if example_input is not None:
             with torch.no_grad():
                 model(*example_input) if isinstance(example_input, tuple) else model(example_input)
             for buffer in created:
                 buffer.clear()
     return model
+
+
+class ClearWindows:
+    """Forward pre-hook that empties the windows of a model's wrapped layers.
+
+    At the start of every call of the module it is registered on, it clears
+    the window of each :class:`MHCInjected` inside that module whose
+    ``clear_on_forward`` is set. It finds them in the module it is called on,
+    rather than remembering buffers: a deep copy or an unpickled copy of the
+    model clears its own windows, never the original's. A module-level class
+    (not a closure), so it pickles.
+    """
+
+    def __call__(self, module: nn.Module, args) -> None:
+        for layer in module.modules():
+            if isinstance(layer, MHCInjected) and layer.clear_on_forward:
+                layer.history.clear()
+
+    def __repr__(self) -> str:
+        return "ClearWindows()"
 
 
 def _containers(model: nn.Module) -> Iterable[nn.Module]:

@@ -96,3 +96,19 @@ def test_bad_arguments_are_named():
         inject_mhc(nn.Linear(2, 2), nn.Linear, history_scope="layer")
     with pytest.raises(ValueError, match="mode must be one of"):
         inject_mhc(nn.Linear(2, 2), nn.Linear, mode="dense")
+
+
+def test_each_call_clears_only_the_windows_it_was_told_to_clear():
+    # The pre-hook clears the windows of layers wrapped with clear_on_forward=True,
+    # wherever they are in the model; windows wrapped with False keep carrying over.
+    chain = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5))
+    carried = inject_mhc(chain, nn.Linear, max_history=8, clear_on_forward=False)
+    model = nn.Sequential(carried, nn.Tanh(), nn.Linear(5, 5))
+    inject_mhc(model, nn.Linear, max_history=8)
+    inject_mhc(model, nn.Linear, max_history=8)  # wraps nothing, adds no second hook
+    assert len(model._forward_pre_hooks) == 1
+    x = torch.randn(2, 5)
+    for calls in (1, 2, 3):
+        model(x)
+        assert len(carried[0].history) == 1 + 2 * calls  # x_0 once, then two outputs per call
+        assert len(model[2].history) == 2  # its input and output, from this call only
