@@ -237,6 +237,13 @@ class MHCSequential(nn.Module):
           The output, or ``(output, history)`` when ``history`` was given.
         """
         carried = history is not None
+        if carried and not isinstance(history, History):
+            raise TypeError(f"history must be a History (or None), got {type(history).__name__}")
+        if carried and history.max_history != self.max_history:
+            raise ValueError(
+                f"History has {history.max_history} slots but this stack has max_history="
+                f"{self.max_history}; create the History with max_history={self.max_history}"
+            )
         if carried:
             history = history.push(_keep(x, self.detach_history))
         elif self.scan:
