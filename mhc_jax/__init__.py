@@ -16,6 +16,7 @@ from . import convert
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
+from .stream_sequential import StreamSequential
 from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "MHCSequential",
     "MHCSkip",
     "MixingWarning",
+    "StreamSequential",
     "convert",
     "diagnose",
     "expand_streams",

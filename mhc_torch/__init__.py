@@ -21,6 +21,7 @@ from .projections import (
 )
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
+from .stream_sequential import StreamSequential
 from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "MHCSequential",
     "MHCSkip",
     "MixingWarning",
+    "StreamSequential",
     "clear_history",
     "diagnose",
     "expand_streams",

@@ -204,3 +204,289 @@ def test_sinkhorn_non_finite_matrix_is_nan_and_alone(backend, bad):
     np.testing.assert_array_equal(p[[0, 2]], alone)
     np.testing.assert_array_equal(grad[[0, 2]], grad_alone)
     assert (grad[1] == 0).all()
+
+
+# --- coefficients: the paper's equations -------------------------------------------------
+
+from tests.stream_helpers import (  # noqa: E402
+    TorchBlock,
+    coefficients64,
+    flax_hyper_connection,
+    hyper_connection64,
+    random_params,
+    run_flax,
+    run_torch,
+    stack64,
+    torch_hyper_connection,
+    torch_stack,
+)
+
+MODES = ("mhc", "hc")
+
+
+def _coefficient_params(n: int, width: int, dynamic: bool, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    params = {
+        "b_pre": rng.normal(0, 1, n),
+        "b_post": rng.normal(0, 1, n),
+        "b_res": rng.normal(0, 1, (n, n)),
+    }
+    if dynamic:
+        params["phi"] = rng.normal(0, 1 / math.sqrt(n * width), (n * width, n * n + 2 * n))
+        for name in ("a_pre", "a_post", "a_res"):
+            params[name] = rng.uniform(0.0, 1.0, 1)
+    return {k: v.astype(np.float32) for k, v in params.items()}
+
+
+def _coefficients(backend, mode, streams, params, iterations=20):
+    lib = backend.lib
+    arrays = {k: backend.array(v) for k, v in params.items()}
+    if mode == "mhc":
+        h = lib.mhc_coefficients(backend.array(streams), **arrays, sinkhorn_iterations=iterations)
+    else:
+        h = lib.hc_coefficients(backend.array(streams), **arrays)
+    return [backend.numpy(c) for c in h]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(
+    n=st.sampled_from([1, 2, 3, 4, 8]),
+    dynamic=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_coefficients_are_the_papers_equations(backend, mode, n, dynamic, scale, seed):
+    width = 5
+    streams = (scale * np.random.default_rng(seed).normal(size=(3, n, width))).astype(np.float32)
+    params = _coefficient_params(n, width, dynamic, seed)
+    got = _coefficients(backend, mode, streams, params)
+    want = coefficients64(streams, params, mode)
+    lead = () if not dynamic else (3,)
+    for g, w, shape in zip(got, want, [(*lead, n), (*lead, n), (*lead, n, n)], strict=True):
+        assert g.shape == shape and g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5)
+
+
+@given(n=st.sampled_from([1, 2, 3, 4, 8]), seed=st.integers(0, 2**16))
+def test_mhc_coefficients_lie_on_their_manifolds(backend, n, seed):
+    # h_pre in (0, 1), h_post in (0, 2), h_res doubly stochastic: rows exact
+    # (the last sweep normalises them), columns within Sinkhorn's truncation.
+    streams = np.random.default_rng(seed).normal(size=(4, n, 6)).astype(np.float32)
+    params = _coefficient_params(n, 6, True, seed)
+    h_pre, h_post, h_res = _coefficients(backend, "mhc", streams, params)
+    assert ((h_pre > 0) & (h_pre < 1)).all() and ((h_post > 0) & (h_post < 2)).all()
+    assert (h_res >= 0).all()
+    np.testing.assert_allclose(h_res.sum(-1), 1, atol=1e-6)
+    np.testing.assert_allclose(h_res.sum(-2), 1, atol=1e-3)
+
+
+def test_coefficients_of_half_precision_streams_are_float32(backend):
+    streams = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    params = {k: backend.array(v) for k, v in _coefficient_params(3, 4, True, 0).items()}
+    half = _as(backend, streams, "bfloat16")
+    for h in backend.lib.mhc_coefficients(half, **params):
+        assert str(h.dtype).endswith("float32")
+
+
+# --- one HyperConnection: the layer equation ------------------------------------------------
+
+
+def _run_hyper_connection(backend, options, params, streams, cotangent):
+    width = streams.shape[-1]
+    if backend.name == "jax":
+        return run_flax("hyper_connection", width, options, params, streams, cotangent)
+    return run_torch(torch_hyper_connection(width, options), params, streams, cotangent)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(n=st.sampled_from([1, 2, 3, 4, 8]), dynamic=st.booleans(), seed=st.integers(0, 2**16))
+def test_hyper_connection_is_the_layer_equation(backend, mode, n, dynamic, seed):
+    width = 6
+    options = dict(num_streams=n, mode=mode, dynamic=dynamic)
+    params = random_params(torch_hyper_connection(width, options), seed)
+    streams = np.random.default_rng(seed).normal(size=(2, 3, n, width)).astype(np.float32)
+    out, _ = _run_hyper_connection(backend, options, params, streams, np.zeros_like(streams))
+    assert out.shape == streams.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, hyper_connection64(streams, params, mode), rtol=1e-5, atol=1e-5)
+
+
+def test_hyper_connection_passes_extra_arguments_to_the_branch(backend):
+    # The linear test block multiplies its output by `scale`: the layer's
+    # output moves by (scale - 1) h_post y.
+    n, width = 3, 4
+    streams = np.random.default_rng(0).normal(size=(2, n, width)).astype(np.float32)
+    if backend.name == "jax":
+        hc = flax_hyper_connection(width, dict(num_streams=n))
+        variables = hc.init(jax.random.key(0), streams)
+        once, twice = (np.asarray(hc.apply(variables, streams, scale=s)) for s in (1.0, 2.0))
+        y_weighted = twice - once
+        h_post = np.asarray(hc.apply(variables, streams, method="coefficients")[1])
+        u_branch = once - np.asarray(hc.apply(variables, streams, scale=0.0))
+    else:
+        hc = torch_hyper_connection(width, dict(num_streams=n))
+        with torch.no_grad():
+            t = torch.as_tensor(streams)
+            once, twice, zero = (hc(t, scale=s).numpy() for s in (1.0, 2.0, 0.0))
+            h_post = hc.coefficients(t)[1].numpy()
+        y_weighted, u_branch = twice - once, once - zero
+    # scale=2 adds h_post * y once more; scale=0 removes it: the same difference.
+    np.testing.assert_allclose(y_weighted, u_branch, rtol=1e-5, atol=1e-6)
+    assert np.abs(y_weighted).max() > 0 and h_post.shape == (2, n)
+
+
+# --- the documented init ----------------------------------------------------------------------
+
+
+def _fresh_coefficients(backend, options, width, streams, layer_index=None):
+    options = dict(options, layer_index=layer_index)
+    if backend.name == "jax":
+        hc = flax_hyper_connection(width, options)
+        variables = hc.init(jax.random.key(3), streams)
+        return [np.asarray(c) for c in hc.apply(variables, streams, method="coefficients")]
+    torch.manual_seed(3)
+    hc = torch_hyper_connection(width, options)
+    with torch.no_grad():
+        return [c.numpy() for c in hc.coefficients(torch.as_tensor(streams))]
+
+
+def _documented_init(n: int, mode: str, layer_index: int | None):
+    """docs/streams.md: what a fresh layer's coefficients are (dynamic terms aside)."""
+    if mode == "hc":
+        return np.eye(n)[(layer_index or 0) % n], np.ones(n), np.eye(n)
+    d = 0.9
+    res = np.full((n, n), (1 - d) / max(n - 1, 1)) + (d - (1 - d) / max(n - 1, 1)) * np.eye(n)
+    return np.full(n, min(1 / n, 0.9)), np.ones(n), (res if n > 1 else np.ones((1, 1)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_fresh_coefficients_are_the_documented_init(backend, mode, dynamic, n):
+    width = 16
+    streams = np.random.default_rng(0).normal(size=(5, n, width)).astype(np.float32)
+    got = _fresh_coefficients(backend, dict(num_streams=n, mode=mode, dynamic=dynamic), width, streams, layer_index=5)
+    # Static: exactly the documented values. Dynamic: a_* = 0.01 times unit-variance
+    # logits moves them by about 1% (at most ~5% over these tokens).
+    tol = 5e-2 if dynamic else 1e-6
+    for g, w in zip(got, _documented_init(n, mode, 5), strict=True):
+        np.testing.assert_allclose(g, np.broadcast_to(w, g.shape), rtol=0, atol=tol)
+    if mode == "mhc":
+        np.testing.assert_allclose(got[2].sum(-1), 1, atol=1e-6)
+
+
+def _plain_residual(backend, x, branches):
+    """x_{l+1} = x_l + F_l(x_l): the pre-norm residual network of the same blocks."""
+    r = x
+    for branch in branches:
+        r = r + branch(r)
+    return r
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_fresh_depth_48_stack_is_a_well_scaled_residual_network(backend, mode, dynamic, n):
+    # docs/streams.md: at init every stream carries the residual of the plain
+    # pre-norm network of the same blocks, so the (summed) output is n times
+    # its output; exactly so without the dynamic terms (n = 1 starts with
+    # h_pre = 0.9, which the block's LayerNorm does not see). The dynamic
+    # terms move each coefficient by ~1%: mHC stays within ~1.5% of the plain
+    # network (h_res doubly stochastic, so the residual's gain stays 1), HC's
+    # unconstrained h_res lets the gain drift over 48 layers (~5%).
+    depth, width = 48, 32
+    x = np.random.default_rng(1).normal(size=(4, 8, width)).astype(np.float32)
+    options = dict(num_streams=n, mode=mode, dynamic=dynamic)
+    if backend.name == "jax":
+        from tests.stream_helpers import FlaxBlock, flax_stack
+
+        model = flax_stack(width, depth, options, "prenorm")
+        variables = model.init(jax.random.key(0), x)
+        out = np.asarray(model.apply(variables, x))
+        block = FlaxBlock(width, "prenorm")
+        branches = [
+            functools.partial(block.apply, {"params": variables["params"][f"layers_{i}"]["branch"]})
+            for i in range(depth)
+        ]
+        plain = np.asarray(_plain_residual(backend, jnp.asarray(x), branches))
+        h_res = np.asarray(model.apply(variables, x, method="coefficients")[2])
+    else:
+        torch.manual_seed(0)
+        model = torch_stack(width, depth, options, "prenorm")
+        with torch.no_grad():
+            out = model(torch.as_tensor(x)).numpy()
+            plain = _plain_residual(backend, torch.as_tensor(x), [hc.branch for hc in model.layers]).numpy()
+            h_res = model.coefficients(torch.as_tensor(x))[2].numpy()
+    assert np.isfinite(out).all()
+    rms = lambda a: float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))  # noqa: E731
+    assert 0.95 < rms(out) / (n * rms(plain)) < 1.05
+    tol = (3e-2 if mode == "mhc" else 1e-1) if dynamic else 1e-4
+    np.testing.assert_allclose(out / n, plain, rtol=0, atol=tol * max(1.0, np.abs(plain).max()))
+    want_res = _documented_init(n, mode, None)[2]
+    np.testing.assert_allclose(h_res, np.broadcast_to(want_res, h_res.shape), atol=5e-2 if dynamic else 1e-6)
+
+
+# --- the stack -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(n=st.sampled_from([1, 2, 4]), depth=st.integers(1, 4), dynamic=st.booleans(), seed=st.integers(0, 2**16))
+def test_stack_expands_runs_every_layer_and_reduces(backend, mode, n, depth, dynamic, seed):
+    width = 6
+    options = dict(num_streams=n, mode=mode, dynamic=dynamic)
+    params = random_params(torch_stack(width, depth, options), seed, spread=0.3)
+    x = np.random.default_rng(seed).normal(size=(2, 3, width)).astype(np.float32)
+    if backend.name == "jax":
+        out, _ = run_flax("stack", width, options, params, x, np.zeros_like(x), depth=depth)
+    else:
+        out, _ = run_torch(torch_stack(width, depth, options), params, x, np.zeros_like(x))
+    assert out.shape == x.shape
+    want = stack64(x, params, depth, n, mode)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stack_sets_each_layers_index(backend, mode):
+    n, depth, width = 3, 5, 4
+    x = np.zeros((1, width), np.float32)
+    if backend.name == "jax":
+        from tests.stream_helpers import flax_stack
+
+        model = flax_stack(width, depth, dict(num_streams=n, mode=mode))
+        params = model.init(jax.random.key(0), x)["params"]
+        b_pre = [np.asarray(params[f"layers_{i}"]["b_pre"]) for i in range(depth)]
+        indices = [layer.layer_index for layer in model.layers]
+    else:
+        model = torch_stack(width, depth, dict(num_streams=n, mode=mode))
+        b_pre = [layer.b_pre.detach().numpy() for layer in model.layers]
+        indices = [layer.layer_index for layer in model.layers]
+    assert indices == list(range(depth))
+    for i, b in enumerate(b_pre):
+        want = np.eye(n)[i % n] if mode == "hc" else np.full(n, math.log((1 / n) / (1 - 1 / n)))
+        np.testing.assert_allclose(b, want, atol=1e-6)
+
+
+def test_stack_coefficients_are_each_layers(backend):
+    # The stack's coefficients(x) are layer l's coefficients of the streams entering layer l.
+    n, depth, width = 2, 3, 4
+    options = dict(num_streams=n)
+    params = random_params(torch_stack(width, depth, options), 0)
+    x = np.random.default_rng(0).normal(size=(5, width)).astype(np.float32)
+    if backend.name == "jax":
+        from tests.stream_helpers import flax_stack
+
+        model = flax_stack(width, depth, options)
+        template = jax.eval_shape(model.init, jax.random.key(0), x)
+        from mhc_jax.convert import torch_to_flax
+
+        got = [np.asarray(c) for c in model.apply(torch_to_flax(params, template), x, method="coefficients")]
+    else:
+        model = torch_stack(width, depth, options)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+        with torch.no_grad():
+            got = [c.numpy() for c in model.coefficients(torch.as_tensor(x))]
+    streams = np.repeat(x[:, None, :].astype(np.float64), n, axis=1)
+    for i in range(depth):
+        want = coefficients64(streams, params, "mhc", prefix=f"layers.{i}.")
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g[i], w, atol=2e-5)
+        streams = hyper_connection64(streams, params, "mhc", prefix=f"layers.{i}.")
