@@ -3,7 +3,9 @@ r"""Mixing weights as a dashboard: extraction, summary metrics, diagnostics, hea
 Weights are reported per skip as a vector over its window, oldest first and
 latest last (``K`` entries), computed from Flax parameters with the skips'
 projection (mode, constraint, temperature, epsilon): the deterministic
-``alpha`` of SPEC.md, before pruning, Gumbel noise and the gate. A Flax
+``alpha`` of docs/mathematics.md, before pruning, Gumbel noise and the gate.
+A skip whose logits hold a NaN or an infinity reports NaN weights (the
+projections' rule: non-finite logits are never hidden). A Flax
 training loop can log :func:`mixing_metrics` and :func:`diagnose` every few
 steps (``examples/flax_monitoring.py``).
 
@@ -16,7 +18,7 @@ steps (``examples/flax_monitoring.py``).
 * **symmetry**, every layer's weights identical: the heatmap "symmetry" seen
   when history is never cleared between batches (also the state of a freshly
   initialised model);
-* **non-finite** weights: the logits diverged;
+* **non-finite** weights: the logits diverged (NaN or inf);
 * **empty**: all-zero weights, read for an empty window.
 
 The twin is :mod:`mhc_torch.monitoring`; both give the same warnings for the
@@ -95,7 +97,9 @@ def extract_mixing_weights(
         mixes) and ``H`` for other skips. A scanned stack's rows are named
         like the unrolled stack's (``.../skip_layers_{i}``).
     Returns:
-      ``{path: weights}``, each of shape ``(K,)``, oldest first, latest last.
+      ``{path: weights}``, each of shape ``(K,)``, oldest first, latest last;
+      all NaN for a skip whose logits are not all finite (:func:`diagnose`
+      reports it as ``non_finite``).
     """
     if model is not None:
         mode, constraint = model.mode, model.constraint
@@ -111,8 +115,14 @@ def extract_mixing_weights(
         w = window_weights(
             jnp.asarray(logits, jnp.float32), k, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon
         )
-        out[name] = np.asarray(w)[h - k :]
+        out[name] = _nan_unless_finite(np.asarray(w)[h - k :], np.asarray(logits, np.float32))
     return out
+
+
+def _nan_unless_finite(weights: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    # A diverged logit is reported even where the window does not read it
+    # (a slot outside a short window), so diagnose always sees it.
+    return weights if np.isfinite(logits).all() else np.full_like(weights, np.nan)
 
 
 def entropy(weights: np.ndarray) -> float:

@@ -4,9 +4,22 @@ Notation: ``mu`` logits on the last axis (any leading batch axes), ``tau`` the
 temperature, ``eps`` the identity floor, ``K`` the size of the last axis.
 
 Every function here is pure and works under ``jit``, ``vmap`` and ``grad``.
-Their gradients are the exact derivatives of the maps (SPEC.md). The twin
-module :mod:`mhc_torch.projections` computes the same numbers; the parity tests
-hold the two to 1e-6.
+Their gradients are the exact derivatives of the maps (docs/mathematics.md).
+The twin module :mod:`mhc_torch.projections` computes the same numbers; the
+parity tests hold the two to 1e-6.
+
+Two rules hold for :func:`project_softmax`, :func:`project_simplex` and
+:func:`project_identity_preserving` alike (and for the torch twins):
+
+* **dtype**: the result has the input's dtype. bfloat16 and float16 logits
+  are projected in float32 and the weights rounded once at the end (a
+  half-precision sort-and-threshold loses the small weights); float32 and
+  float64 are projected in their own precision.
+* **non-finite logits are never hidden**: a row (the last axis) holding a NaN
+  or an infinite scaled logit ``mu / tau`` gives NaN for every weight of that
+  row, never zeros and never an exception. Other rows are unaffected, and so
+  are their gradients; the gradient with respect to a non-finite row is 0
+  (the NaN reaches the loss through the weights).
 """
 
 from __future__ import annotations
@@ -17,7 +30,6 @@ from numbers import Real
 
 import jax
 import jax.numpy as jnp
-import optax
 
 __all__ = [
     "project_softmax",
@@ -59,46 +71,114 @@ def check_base(base: str) -> None:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
 
 
+def _projection_dtypes(dtype) -> tuple[jnp.dtype, jnp.dtype]:
+    """(the dtype to project in, the dtype of the result) for logits of ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)
+    # Half precision is projected in float32 (see the module docstring).
+    return (dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)), dtype
+
+
+def _scaled_logits(logits: jax.Array, temperature: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``mu / tau`` in the projection dtype with non-finite rows zeroed, and each row's poison.
+
+    The poison, ``sum(z * 0)`` over a row, is 0 for a finite row and NaN for a
+    row holding a NaN or an inf (``inf * 0`` is NaN). The NaN weights are taken
+    from it rather than from a NaN constant, so nothing here makes a NaN out
+    of finite input and ``jax_debug_nans`` stays quiet.
+
+    Zeroing the non-finite rows is the first half of a "double where": no NaN
+    or inf enters the projection or its derivative (a NaN there would leak
+    into the gradient through the unselected branch of the second where,
+    in :func:`_project`, as ``0 * nan``).
+    """
+    dtype, _ = _projection_dtypes(logits.dtype)
+    z = logits.astype(dtype) / temperature.astype(dtype)
+    poison = jnp.sum(z * 0, axis=-1, keepdims=True)
+    return jnp.where(poison == 0, z, jnp.zeros_like(z)), poison
+
+
+def _softmax(z: jax.Array) -> jax.Array:
+    return jax.nn.softmax(z, axis=-1)
+
+
+@jax.custom_jvp
+@jax.jit  # eager callers compile the sort-and-threshold once per shape, not per primitive
+def _simplex_last_axis(z: jax.Array) -> jax.Array:
+    # Sort and threshold, batched over leading axes (the arithmetic of the torch
+    # twin): rho = #{j : 1/j + u_j - c_j / j > 0} with u the values in
+    # decreasing order and c their cumulative sums, alpha = relu(1/rho + z - c_rho / rho).
+    # For finite z the test holds at j = 1, so rho >= 1.
+    u = jnp.flip(jnp.sort(z, axis=-1), axis=-1)
+    cumsum = jnp.cumsum(u, axis=-1)
+    j = jnp.arange(1, z.shape[-1] + 1, dtype=z.dtype).reshape((1,) * (z.ndim - 1) + (-1,))
+    rho = jnp.sum(1 / j + (u - cumsum / j) > 0, axis=-1, keepdims=True)
+    theta_sum = jnp.take_along_axis(cumsum, rho - 1, axis=-1)
+    rho = rho.astype(z.dtype)
+    return jnp.maximum(1 / rho + (z - theta_sum / rho), 0)
+
+
+@_simplex_last_axis.defjvp
+def _simplex_last_axis_jvp(primals, tangents):
+    # The sparsemax Jacobian diag(s) - s s^T / |s|, s = (alpha > 0), batched:
+    # the support of the output, not the rho of the threshold test, which at an
+    # exact support edge can count a slot whose output rounds to 0.
+    (z,), (dz,) = primals, tangents
+    alpha = _simplex_last_axis(z)
+    s = (alpha > 0).astype(dz.dtype)
+    mean_on_support = jnp.sum(s * dz, axis=-1, keepdims=True) / jnp.sum(s, axis=-1, keepdims=True)
+    return alpha, s * (dz - mean_on_support)
+
+
+def _simplex(z: jax.Array) -> jax.Array:
+    # Shift invariant: subtracting the max keeps the support within [-1, 0].
+    return _simplex_last_axis(z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
+
+
+_BASE_PROJECTIONS = {"simplex": _simplex, "softmax": _softmax}
+
+
+def _project(
+    logits: jax.typing.ArrayLike,
+    temperature: jax.typing.ArrayLike,
+    epsilon: jax.typing.ArrayLike | None,
+    base: str,
+) -> jax.Array:
+    """``base`` of ``logits / temperature``, floored by ``epsilon`` unless None; NaN across non-finite rows."""
+    # Not jitted as a whole: compiled as one graph, XLA fuses the scaling into
+    # the max-shift and the top slot's shifted logit can miss 0 by an ulp,
+    # moving the weights a few ulp away from the eager arithmetic (the torch
+    # twin's). Only the sort-and-threshold is compiled on its own.
+    logits = jnp.asarray(logits)
+    z, poison = _scaled_logits(logits, jnp.asarray(temperature))
+    alpha = _BASE_PROJECTIONS[base](z)
+    if epsilon is not None:
+        epsilon = jnp.asarray(epsilon, alpha.dtype)
+        alpha = ((1 - epsilon) * alpha).at[..., -1].add(epsilon)
+    alpha = jnp.where(poison == 0, alpha, poison)
+    return alpha.astype(_projection_dtypes(logits.dtype)[1])
+
+
 def project_softmax(logits: jax.Array, temperature: jax.typing.ArrayLike = 1.0) -> jax.Array:
     r"""Softmax of temperature-scaled logits on the last axis.
 
     .. math:: \alpha = \mathrm{softmax}(\mu / \tau)
+
+    A row holding a NaN or an infinite ``mu / tau`` (even ``-inf``, which a
+    plain softmax would turn into a silent 0) gives NaN weights across that
+    row; the result has the dtype of ``logits`` (module docstring).
 
     Args:
       logits: ``mu``, shape ``(..., K)``.
       temperature: ``tau > 0``; small values sharpen, large values flatten.
 
     Returns:
-      Weights of the same shape: positive, summing to 1 on the last axis.
+      Weights of the same shape and dtype: positive, summing to 1 on the last
+      axis (NaN across a row with a non-finite logit).
     """
     check_temperature(temperature)
-    return jax.nn.softmax(logits / temperature, axis=-1)
-
-
-def _unit_simplex(z: jax.Array) -> jax.Array:
-    # optax's sort-and-threshold projection of one vector. Its arithmetic mixes
-    # int and float arrays, so it runs under standard promotion even when the
-    # caller (our test-suite) turned on strict promotion.
-    with jax.numpy_dtype_promotion("standard"):
-        return optax.projections.projection_simplex(z)
-
-
-@jax.custom_jvp
-@jax.jit  # eager callers compile the sort-and-threshold once per shape, not per primitive
-def _simplex_last_axis(z: jax.Array) -> jax.Array:
-    return jnp.vectorize(_unit_simplex, signature="(k)->(k)")(z)
-
-
-@_simplex_last_axis.defjvp
-def _simplex_last_axis_jvp(primals, tangents):
-    # The sparsemax Jacobian diag(s) - s s^T / |s|, s = (alpha > 0), batched.
-    # Ours rather than optax's rule: that one is traced whenever JAX
-    # differentiates a jitted caller, and it is not strict-promotion clean.
-    (z,), (dz,) = primals, tangents
-    alpha = _simplex_last_axis(z)
-    s = (alpha > 0).astype(dz.dtype)
-    mean_on_support = jnp.sum(s * dz, axis=-1, keepdims=True) / jnp.sum(s, axis=-1, keepdims=True)
-    return alpha, s * (dz - mean_on_support)
+    return _project(logits, temperature, None, "softmax")
 
 
 def project_simplex(logits: jax.Array, temperature: jax.typing.ArrayLike = 1.0) -> jax.Array:
@@ -121,17 +201,20 @@ def project_simplex(logits: jax.Array, temperature: jax.typing.ArrayLike = 1.0) 
     support within ``[-1, 0]``, so logits of 1e7 after scaling still give
     weights that sum to 1 in float32.
 
+    A row holding a NaN or an infinite ``mu / tau`` (even ``-inf``, whose slot
+    the limit would switch off) gives NaN weights across that row; the result
+    has the dtype of ``logits`` (module docstring).
+
     Args:
       logits: ``mu``, shape ``(..., K)``.
       temperature: ``tau > 0``.
 
     Returns:
-      Weights of the same shape: non-negative, summing to 1 on the last axis.
+      Weights of the same shape and dtype: non-negative, summing to 1 on the
+      last axis (NaN across a row with a non-finite logit).
     """
     check_temperature(temperature)
-    z = logits / temperature
-    z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    return _simplex_last_axis(z)
+    return _project(logits, temperature, None, "simplex")
 
 
 def project_identity_preserving(
@@ -144,8 +227,13 @@ def project_identity_preserving(
 
     .. math:: \alpha = (1 - \varepsilon)\, \mathrm{base}(\mu, \tau) + \varepsilon\, e_K
 
-    so ``alpha_K >= eps`` whatever the logits: the latest state can never be
-    switched off, and ``eps = 0`` gives the base projection.
+    so ``alpha_K >= eps`` whatever the (finite) logits: the latest state can
+    never be switched off, and ``eps = 0`` gives the base projection.
+
+    A row holding a NaN or an infinite ``mu / tau`` gives NaN weights across
+    that row, the floored slot included; the result has the dtype of
+    ``logits`` (module docstring; the floor is added before rounding to a
+    half-precision dtype).
 
     Args:
       logits: ``mu``, shape ``(..., K)``; the last entry is the latest state.
@@ -154,14 +242,13 @@ def project_identity_preserving(
       base: ``"simplex"`` (:func:`project_simplex`) or ``"softmax"``.
 
     Returns:
-      Weights of the same shape, summing to 1, with the last one ``>= eps``.
+      Weights of the same shape and dtype, summing to 1, with the last one
+      ``>= eps`` (NaN across a row with a non-finite logit).
     """
     check_epsilon(epsilon)
     check_base(base)
-    project = project_simplex if base == "simplex" else project_softmax
-    alpha = project(logits, temperature)
-    epsilon = jnp.asarray(epsilon, alpha.dtype)
-    return ((1 - epsilon) * alpha).at[..., -1].add(epsilon)
+    check_temperature(temperature)
+    return _project(logits, temperature, epsilon, base)
 
 
 def project_doubly_stochastic(

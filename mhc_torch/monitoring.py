@@ -2,8 +2,10 @@ r"""Mixing weights as a dashboard: extraction, summary metrics, diagnostics, hea
 
 Weights are reported per skip as a vector over its window, oldest first and
 latest last (``K`` entries), computed with the skip's own projection (mode,
-constraint, temperature, epsilon): the deterministic ``alpha`` of SPEC.md,
-before pruning, Gumbel noise and the gate.
+constraint, temperature, epsilon): the deterministic ``alpha`` of
+docs/mathematics.md, before pruning, Gumbel noise and the gate. A skip whose
+logits hold a NaN or an infinity reports NaN weights (the projections' rule:
+non-finite logits are never hidden).
 
 :func:`diagnose` reports the troubleshooting guide's warning signs:
 
@@ -14,7 +16,7 @@ before pruning, Gumbel noise and the gate.
 * **symmetry**, every layer's weights identical: the heatmap "symmetry" seen
   when history is never cleared between batches (also the state of a freshly
   initialised model);
-* **non-finite** weights: the logits diverged;
+* **non-finite** weights: the logits diverged (NaN or inf);
 * **empty**: all-zero weights, read before the first forward pass.
 
 The twin is :mod:`mhc_jax.monitoring`; both give the same warnings for the
@@ -88,7 +90,9 @@ def extract_mixing_weights(model: nn.Module, num_states: int | None = None) -> d
         the size each skip last mixed (0, all-zero weights, before the first
         forward pass).
     Returns:
-      ``{path: weights}``, each of shape ``(K,)``, oldest first, latest last.
+      ``{path: weights}``, each of shape ``(K,)``, oldest first, latest last;
+      all NaN for a skip whose logits are not all finite (:func:`diagnose`
+      reports it as ``non_finite``).
     """
     out = {}
     for name, skip in _skips(model):
@@ -100,8 +104,14 @@ def extract_mixing_weights(model: nn.Module, num_states: int | None = None) -> d
         w = window_weights(
             logits, k, mode=skip.mode, constraint=skip.constraint, temperature=skip.temperature, epsilon=skip.epsilon
         )
-        out[name] = w.numpy()[skip.max_history - k :]
+        out[name] = _nan_unless_finite(w.numpy()[skip.max_history - k :], logits.numpy())
     return out
+
+
+def _nan_unless_finite(weights: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    # A diverged logit is reported even where the window does not read it
+    # (a slot outside a short window), so diagnose always sees it.
+    return weights if np.isfinite(logits).all() else np.full_like(weights, np.nan)
 
 
 def entropy(weights: np.ndarray) -> float:

@@ -5,8 +5,22 @@ Notation: ``mu`` logits on the last dimension (any leading batch dimensions),
 dimension.
 
 Plain differentiable functions; autograd gives the exact derivatives of the
-maps (SPEC.md). The twin module :mod:`mhc_jax.projections` computes the same
-numbers; the parity tests hold the two to 1e-6.
+maps (docs/mathematics.md). The twin module :mod:`mhc_jax.projections`
+computes the same numbers; the parity tests hold the two to 1e-6.
+
+Two rules hold for :func:`project_softmax`, :func:`project_simplex` and
+:func:`project_identity_preserving` alike (and for the JAX twins):
+
+* **dtype**: the result has the input's dtype. bfloat16 and float16 logits
+  are projected in float32 and the weights rounded once at the end (a
+  half-precision sort-and-threshold loses the small weights); float32 and
+  float64 are projected in their own precision.
+* **non-finite logits are never hidden**: a row (the last dimension) holding a
+  NaN or an infinite scaled logit ``mu / tau`` gives NaN for every weight of
+  that row, never zeros and never an exception. Other rows are unaffected, and
+  so are their gradients; the gradient with respect to a non-finite row is 0
+  (the NaN reaches the loss through the weights). The check is two
+  ``torch.where`` calls: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -32,10 +46,11 @@ def check_temperature(temperature) -> None:
     """Raise ``ValueError`` unless a Python-number temperature is finite and > 0.
 
     Tensors are not checked: reading their value would force a host sync.
+    Comparisons only (no ``math.isfinite``), so ``torch.compile`` can trace the
+    check when it turns a Python float into a symbolic one (``dynamic=True``).
     """
     if isinstance(temperature, bool) or (
-        isinstance(temperature, Real)
-        and not (math.isfinite(temperature) and temperature > 0)
+        isinstance(temperature, Real) and not 0 < temperature < math.inf
     ):
         raise ValueError(
             f"temperature must be a finite number > 0, got {temperature!r}"
@@ -55,25 +70,57 @@ def check_base(base: str) -> None:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
 
 
+def _projection_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(the dtype to project in, the dtype of the result) for logits of ``dtype``."""
+    if not dtype.is_floating_point:
+        return torch.float32, torch.float32
+    # Half precision is projected in float32 (see the module docstring).
+    return torch.promote_types(dtype, torch.float32), dtype
+
+
+def _scaled_logits(logits: torch.Tensor, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mu / tau`` in the projection dtype with non-finite rows zeroed, and the finite-row mask.
+
+    The first half of a "double where": a non-finite row is projected as
+    zeros, so no NaN or inf enters the projection (where the sort-and-threshold
+    would find no support) or its derivative (a NaN there would leak into the
+    gradient through the unselected branch of the second where,
+    in :func:`_project`, as ``0 * nan``).
+    """
+    z = logits.to(_projection_dtypes(logits.dtype)[0]) / temperature
+    finite = torch.isfinite(z).all(dim=-1, keepdim=True)
+    return torch.where(finite, z, 0), finite
+
+
+def _softmax(z: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(z, dim=-1)
+
+
 def project_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     r"""Softmax of temperature-scaled logits on the last dimension.
 
     .. math:: \alpha = \mathrm{softmax}(\mu / \tau)
+
+    A row holding a NaN or an infinite ``mu / tau`` (even ``-inf``, which a
+    plain softmax would turn into a silent 0) gives NaN weights across that
+    row; the result has the dtype of ``logits`` (module docstring).
 
     Args:
         logits: ``mu``, shape ``(..., K)``.
         temperature: ``tau > 0``; small values sharpen, large values flatten.
 
     Returns:
-        Weights of the same shape: positive, summing to 1 on the last dimension.
+        Weights of the same shape and dtype: positive, summing to 1 on the last
+        dimension (NaN across a row with a non-finite logit).
     """
     check_temperature(temperature)
-    return torch.softmax(logits / temperature, dim=-1)
+    return _project(logits, temperature, None, "softmax")
 
 
 def _simplex_threshold(z: torch.Tensor) -> torch.Tensor:
-    # Sort and threshold (the same arithmetic as optax's projection_simplex):
+    # Sort and threshold (the arithmetic of the JAX twin):
     # rho = #{j : 1/j + u_j - c_j / j > 0}, alpha = relu(1/rho + z - c_rho / rho).
+    # For finite z the test holds at j = 1, so rho >= 1 and the gather is in range.
     u, _ = torch.sort(z, dim=-1, descending=True)
     cumsum = u.cumsum(dim=-1)
     j = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
@@ -118,6 +165,24 @@ class _SimplexProjection(torch.autograd.Function):
     # and a compiled model matters more than forward-mode AD through this map.
 
 
+def _simplex(z: torch.Tensor) -> torch.Tensor:
+    # Shift invariant: subtracting the max keeps the support within [-1, 0].
+    return _SimplexProjection.apply(z - z.detach().amax(dim=-1, keepdim=True))
+
+
+_BASE_PROJECTIONS = {"simplex": _simplex, "softmax": _softmax}
+
+
+def _project(logits: torch.Tensor, temperature, epsilon, base: str) -> torch.Tensor:
+    """``base`` of ``logits / temperature``, floored by ``epsilon`` unless None; NaN across non-finite rows."""
+    z, finite = _scaled_logits(logits, temperature)
+    alpha = _BASE_PROJECTIONS[base](z)
+    if epsilon is not None:
+        scaled = (1 - epsilon) * alpha
+        alpha = torch.cat([scaled[..., :-1], scaled[..., -1:] + epsilon], dim=-1)
+    return torch.where(finite, alpha, math.nan).to(_projection_dtypes(logits.dtype)[1])
+
+
 def project_simplex(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     r"""Exact Euclidean projection of ``mu / tau`` onto the probability simplex.
 
@@ -138,17 +203,20 @@ def project_simplex(logits: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     is shift invariant, and after the shift every value in the support lies in
     ``[-1, 0]``, so scaled logits of 1e7 still give weights summing to 1.
 
+    A row holding a NaN or an infinite ``mu / tau`` (even ``-inf``, whose slot
+    the limit would switch off) gives NaN weights across that row; the result
+    has the dtype of ``logits`` (module docstring).
+
     Args:
         logits: ``mu``, shape ``(..., K)``.
         temperature: ``tau > 0``.
 
     Returns:
-        Weights of the same shape: non-negative, summing to 1 on the last dimension.
+        Weights of the same shape and dtype: non-negative, summing to 1 on the
+        last dimension (NaN across a row with a non-finite logit).
     """
     check_temperature(temperature)
-    z = logits / temperature
-    z = z - z.detach().amax(dim=-1, keepdim=True)
-    return _SimplexProjection.apply(z)
+    return _project(logits, temperature, None, "simplex")
 
 
 def project_identity_preserving(
@@ -161,8 +229,13 @@ def project_identity_preserving(
 
     .. math:: \alpha = (1 - \varepsilon)\, \mathrm{base}(\mu, \tau) + \varepsilon\, e_K
 
-    so ``alpha_K >= eps`` whatever the logits: the latest state can never be
-    switched off, and ``eps = 0`` gives the base projection.
+    so ``alpha_K >= eps`` whatever the (finite) logits: the latest state can
+    never be switched off, and ``eps = 0`` gives the base projection.
+
+    A row holding a NaN or an infinite ``mu / tau`` gives NaN weights across
+    that row, the floored slot included; the result has the dtype of
+    ``logits`` (module docstring; the floor is added before rounding to a
+    half-precision dtype).
 
     Args:
         logits: ``mu``, shape ``(..., K)``; the last entry is the latest state.
@@ -171,13 +244,13 @@ def project_identity_preserving(
         base: ``"simplex"`` (:func:`project_simplex`) or ``"softmax"``.
 
     Returns:
-        Weights of the same shape, summing to 1, with the last one ``>= eps``.
+        Weights of the same shape and dtype, summing to 1, with the last one
+        ``>= eps`` (NaN across a row with a non-finite logit).
     """
     check_epsilon(epsilon)
     check_base(base)
-    project = project_simplex if base == "simplex" else project_softmax
-    scaled = (1 - epsilon) * project(logits, temperature)
-    return torch.cat([scaled[..., :-1], scaled[..., -1:] + epsilon], dim=-1)
+    check_temperature(temperature)
+    return _project(logits, temperature, epsilon, base)
 
 
 def project_doubly_stochastic(

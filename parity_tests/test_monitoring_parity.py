@@ -66,3 +66,29 @@ def test_torch_and_jax_extract_the_same_weights_from_the_same_model():
     assert [len(w) for w in from_jax.values()] == [1, 2, 3, 3, 3]
     # The skip's own projection, with its exact floor on the latest state.
     assert all(w[-1] >= 0.2 - 1e-6 for w in from_jax.values())
+
+
+def test_both_packages_report_the_same_diverged_skips():
+    # The same model, logits diverged in two skips (a NaN inside layer 3's window,
+    # an inf outside layer 1's), read by both packages: the same NaN weights,
+    # the same diagnosis, the same metrics, no exception.
+    torch.manual_seed(0)
+    options = dict(max_history=3, mode="mhc", constraint="simplex", temperature=0.7)
+    tmodel = mhc_torch.MHCSequential([nn.Linear(4, 4) for _ in range(5)], **options)
+    tmodel(torch.randn(2, 4))
+    with torch.no_grad():
+        tmodel.skip_layers[3].mixing_logits[2] = float("nan")
+        tmodel.skip_layers[1].mixing_logits[0] = float("inf")
+    fmodel = mhc_jax.MHCSequential([fnn.Dense(4) for _ in range(5)], **options)
+    params = to_flax(tmodel, fmodel.init(jax.random.key(0), jnp.ones((2, 4))))
+    from_torch = {k.replace(".", "_"): w for k, w in mhc_torch.extract_mixing_weights(tmodel).items()}
+    from_jax = mhc_jax.extract_mixing_weights(params, fmodel)
+    assert list(from_jax) == list(from_torch)
+    for name, w in from_jax.items():
+        np.testing.assert_array_equal(np.isnan(w), np.isnan(from_torch[name]), err_msg=name)
+        np.testing.assert_allclose(w, from_torch[name], atol=1e-6, equal_nan=True)
+    assert [n for n, w in from_jax.items() if np.isnan(w).any()] == ["skip_layers_1", "skip_layers_3"]
+    a, b = mhc_jax.diagnose(from_jax), mhc_torch.diagnose(from_torch)
+    assert [(w.kind, w.layers, w.message) for w in a] == [(w.kind, w.layers, w.message) for w in b]
+    assert ("non_finite", ("skip_layers_1", "skip_layers_3")) in [(w.kind, w.layers) for w in a]
+    np.testing.assert_equal(mhc_jax.mixing_metrics(from_jax), mhc_torch.mixing_metrics(from_torch))

@@ -98,3 +98,32 @@ def test_gumbel_perturbation_agrees(jx, pt, device, weights, tau, seed):
     # d/dalpha carries 1/(tau alpha); compare relative to that scale.
     scale = tau * np.where(alpha > 0, alpha, 1.0)
     assert_parity(scale * ga, scale * gb, kind="projection", device=device, what="perturb_weights grad (x tau alpha)")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("project_softmax", {}),
+        ("project_simplex", {}),
+        ("project_identity_preserving", dict(base="simplex")),
+        ("project_identity_preserving", dict(base="softmax")),
+    ],
+    ids=["softmax", "simplex", "identity[simplex]", "identity[softmax]"],
+)
+@given(mu=logits(), tau=temperatures(), eps=epsilons(), seed=st.integers(0, 2**16))
+def test_non_finite_logits_agree(jx, pt, device, name, kwargs, mu, tau, eps, seed):
+    # NaN and +-inf logits scattered over some rows: both packages give NaN
+    # across exactly those rows, the same weights elsewhere, and the same
+    # (finite) gradients everywhere.
+    rng = np.random.default_rng(seed)
+    where_bad = rng.uniform(size=mu.shape) < 0.2
+    mu = np.where(where_bad, rng.choice([np.nan, np.inf, -np.inf], size=mu.shape), mu).astype(np.float32)
+    if name == "project_identity_preserving":
+        kwargs = dict(kwargs, epsilon=eps)
+    g = cotangents(mu.shape, seed)
+    (a, (ga,)), (b, (gb,)) = _both(jx, pt, lambda lib: lambda m: getattr(lib, name)(m, temperature=tau, **kwargs), [mu], g)
+    bad_rows = np.broadcast_to(where_bad.any(-1)[..., None], mu.shape)
+    np.testing.assert_array_equal(np.isnan(a), bad_rows, err_msg=f"{name}: jax NaN pattern")
+    np.testing.assert_array_equal(np.isnan(b), bad_rows, err_msg=f"{name}: torch NaN pattern")
+    assert_parity(a[~bad_rows], b[~bad_rows], kind="projection", device=device, what=f"{name} beside non-finite rows")
+    assert_parity(tau * ga, tau * gb, kind="projection", device=device, what=f"{name} grad beside non-finite rows (x tau)")

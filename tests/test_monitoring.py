@@ -80,3 +80,52 @@ def test_heatmap_is_saved_as_a_png(monitor, tmp_path):
     image = np.ma.filled(fig.axes[0].images[0].get_array(), np.nan)  # blank cells are masked
     assert image.shape == (3, 3)
     assert np.isnan(image[0, 0]) and image[0, 2] == 1.0 and image[2, 0] == pytest.approx(0.1)
+
+
+# --- diverged logits: reported, never hidden and never an exception -----------------------
+
+BAD_LOGITS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+#: Every projection a skip can use.
+WEIGHTED_OPTIONS = [
+    dict(mode="mhc", constraint="simplex"),
+    dict(mode="mhc", constraint="identity"),
+    dict(mode="hc", constraint="simplex"),
+    dict(mode="hc", constraint="identity"),
+]
+#: Slot 2 is in every window of a max_history=3 stack; slot 0 is outside layer 1's
+#: two-state window (a logit the projection does not read, still a diverged one).
+BAD_SLOTS = {"in the window": 2, "outside the window": 0}
+
+
+def _assert_only_layer_is_non_finite(monitor, weights: dict, layer: str) -> None:
+    assert np.isnan(weights[layer]).all() and len(weights[layer]) == 2, weights
+    assert all(np.isfinite(w).all() for name, w in weights.items() if name != layer), weights
+    assert _kinds(monitor.diagnose(weights))["non_finite"] == (layer,)
+    metrics = monitor.mixing_metrics(weights)
+    assert math.isnan(metrics[f"mhc/{layer}/latest_weight"]) and math.isnan(metrics[f"mhc/{layer}/entropy"])
+
+
+@pytest.mark.parametrize("slot", BAD_SLOTS.values(), ids=BAD_SLOTS.keys())
+@pytest.mark.parametrize("bad", BAD_LOGITS.values(), ids=BAD_LOGITS.keys())
+@pytest.mark.parametrize("options", WEIGHTED_OPTIONS, ids=lambda o: f"{o['mode']}-{o['constraint']}")
+def test_torch_non_finite_logits_are_reported(options, bad, slot):
+    model = mhc_torch.MHCSequential([nn.Linear(2, 2) for _ in range(3)], max_history=3, **options)
+    model(torch.randn(2, 2))  # windows of 1, 2 and 3 states
+    with torch.no_grad():
+        model.skip_layers[1].mixing_logits[slot] = bad
+    _assert_only_layer_is_non_finite(mhc_torch.monitoring, mhc_torch.extract_mixing_weights(model), "skip_layers.1")
+
+
+@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("slot", BAD_SLOTS.values(), ids=BAD_SLOTS.keys())
+@pytest.mark.parametrize("bad", BAD_LOGITS.values(), ids=BAD_LOGITS.keys())
+@pytest.mark.parametrize("options", WEIGHTED_OPTIONS, ids=lambda o: f"{o['mode']}-{o['constraint']}")
+def test_jax_non_finite_logits_are_reported(options, bad, slot, scanned):
+    logits = np.tile(np.array([0.0, 0.25, 1.0], np.float32), (3, 1))
+    logits[1, slot] = bad
+    if scanned:  # one row per layer, as a scanned stack stores them
+        params = {"params": {"skip_layers": {"mixing_logits": logits}}}
+    else:
+        params = {"params": {f"skip_layers_{i}": {"mixing_logits": row} for i, row in enumerate(logits)}}
+    weights = mhc_jax.extract_mixing_weights(params, **options)
+    _assert_only_layer_is_non_finite(mhc_jax.monitoring, weights, "skip_layers_1")

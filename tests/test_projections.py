@@ -245,3 +245,100 @@ def test_bad_iterations_is_named(backend, iterations):
 def test_sinkhorn_needs_square_matrices(backend):
     with pytest.raises(ValueError, match=r"square matrices .* got shape \(2, 3\)"):
         backend.lib.project_doubly_stochastic(backend.array(np.zeros((2, 3), np.float32)))
+
+
+# --- dtypes: the result keeps the input's dtype, and so does the gradient ------------------
+#
+# Checked against the mathematics in numpy float64 (a reference independent of
+# both packages), within what the dtype can hold: the weights and gradients
+# are rounded once, so the error is about one unit in the last place.
+
+#: (public name, keyword arguments) of every projection of a logit vector.
+VECTOR_PROJECTIONS = [
+    ("project_softmax", dict(temperature=0.75)),
+    ("project_simplex", dict(temperature=0.75)),
+    ("project_identity_preserving", dict(epsilon=0.2, temperature=0.75, base="simplex")),
+    ("project_identity_preserving", dict(epsilon=0.2, temperature=0.75, base="softmax")),
+]
+VECTOR_PROJECTION_IDS = ["softmax", "simplex", "identity[simplex]", "identity[softmax]"]
+
+#: Logits and a cotangent that every dtype holds exactly (multiples of 1/8),
+#: spread so that no simplex support edge lies near them.
+DTYPE_LOGITS = np.array([[0.5, -0.25, 0.125, 0.0], [0.0, 1.0, -1.0, 0.375], [1.0, 0.25, 0.5, -0.125]])
+DTYPE_COTANGENT = np.array([[0.25, -1.0, 0.5, 0.125], [-0.5, 0.75, 0.0, 1.0], [1.0, 0.5, -0.25, -0.75]])
+
+#: Tolerance (absolute, relative to max(1, |value|)) for a result rounded once to each dtype.
+DTYPE_TOLERANCE = {"bfloat16": 2**-7, "float16": 2**-10, "float32": 1e-5, "float64": 1e-10}
+
+
+def reference_projection(name: str, kwargs: dict, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weights and the Jacobians ``d alpha_i / d mu_j`` (shape ``(..., K, K)``), in float64."""
+    z = np.asarray(mu, np.float64) / kwargs.get("temperature", 1.0)
+    base = kwargs.get("base", name.removeprefix("project_"))
+    if base == "softmax":
+        e = np.exp(z - z.max(-1, keepdims=True))
+        alpha = e / e.sum(-1, keepdims=True)
+        jac = alpha[..., :, None] * (np.eye(z.shape[-1]) - alpha[..., None, :])
+    else:
+        # Sparsemax: theta from the sorted values, alpha = max(z - theta, 0).
+        u = -np.sort(-z, axis=-1)
+        j = np.arange(1, z.shape[-1] + 1)
+        rho = (1 + j * u > np.cumsum(u, -1)).sum(-1, keepdims=True)
+        theta = (np.take_along_axis(np.cumsum(u, -1), rho - 1, -1) - 1) / rho
+        alpha = np.maximum(z - theta, 0)
+        s = (alpha > 0).astype(np.float64)
+        jac = s[..., :, None] * (np.eye(z.shape[-1]) - s[..., None, :] / s.sum(-1)[..., None, None])
+    if name == "project_identity_preserving":
+        eps = kwargs["epsilon"]
+        alpha = (1 - eps) * alpha + eps * (np.arange(z.shape[-1]) == z.shape[-1] - 1)
+        jac = (1 - eps) * jac
+    return alpha, jac / kwargs.get("temperature", 1.0)
+
+
+def assert_close_in_dtype(actual, expected, dtype: str, what: str) -> None:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    err = np.abs(actual - expected) / np.maximum(1.0, np.abs(expected))
+    assert err.max() <= DTYPE_TOLERANCE[dtype], f"{what} in {dtype}: off by {err.max():.3g}\n{actual}\n{expected}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("name, kwargs", VECTOR_PROJECTIONS, ids=VECTOR_PROJECTION_IDS)
+def test_torch_projections_keep_the_dtype_and_are_differentiable(name, kwargs, dtype):
+    import torch
+
+    import mhc_torch
+
+    dt = getattr(torch, dtype)
+    mu = torch.tensor(DTYPE_LOGITS, dtype=dt, requires_grad=True)
+    out = getattr(mhc_torch, name)(mu, **kwargs)
+    (out * torch.tensor(DTYPE_COTANGENT, dtype=dt)).sum().backward()
+    assert out.dtype == dt and mu.grad.dtype == dt
+    alpha, jac = reference_projection(name, kwargs, DTYPE_LOGITS)
+    assert_close_in_dtype(out.detach().double().numpy(), alpha, dtype, f"{name} weights")
+    grad = np.einsum("...i,...ij->...j", DTYPE_COTANGENT, jac)
+    assert_close_in_dtype(mu.grad.double().numpy(), grad, dtype, f"{name} gradient")
+
+
+@pytest.mark.parametrize("name", ["project_softmax", "project_simplex", "project_identity_preserving"])
+def test_torch_compile_traces_the_projections_with_a_symbolic_temperature(name):
+    # dynamic=True turns the Python-float temperature into a symbolic float:
+    # the argument check must trace (fullgraph: no graph break), and the
+    # compiled weights, NaN row included, and gradients equal eager's.
+    import torch
+
+    import mhc_torch
+
+    fn = getattr(mhc_torch, name)
+    mu = torch.tensor([[0.5, -1.0, 2.0, 0.0], [0.3, math.nan, 0.2, 0.1], [0.25, 0.0, 1.0, -0.5]], requires_grad=True)
+    g = torch.tensor(DTYPE_COTANGENT, dtype=torch.float32)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    results = []
+    for f in (compiled, fn):
+        out = f(mu, temperature=0.7)
+        (grad,) = torch.autograd.grad((out.nan_to_num(0.0) * g).sum(), mu)
+        results.append((out.detach().numpy(), grad.numpy()))
+    (a, ga), (b, gb) = results
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    assert np.isnan(a[1]).all()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(ga, gb, atol=1e-6)
