@@ -245,7 +245,7 @@ def perturb_weights(alpha: jax.Array, gumbel_noise: jax.Array, temperature: floa
       gumbel_noise: ``G ~ Gumbel(0, 1)``, broadcastable to ``alpha``.
       temperature: ``tau > 0``.
     """
-    positive = alpha > 0
+    positive = ~(alpha <= 0)  # NaN counts as positive: it stays NaN, never becomes a 0
     log_alpha = jnp.log(jnp.where(positive, alpha, jnp.ones_like(alpha)))
     z = _fill_invalid((log_alpha + gumbel_noise) / temperature, positive)
     return jnp.where(positive, jax.nn.softmax(z, axis=-1), jnp.zeros_like(alpha))

@@ -194,7 +194,7 @@ def perturb_weights(
         gumbel_noise: ``G ~ Gumbel(0, 1)``, broadcastable to ``alpha``.
         temperature: ``tau > 0``.
     """
-    positive = alpha > 0
+    positive = ~(alpha <= 0)  # NaN counts as positive: it stays NaN, never becomes a 0
     log_alpha = torch.log(torch.where(positive, alpha, 1))
     z = _fill_invalid((log_alpha + gumbel_noise) / temperature, positive)
     return torch.where(positive, torch.softmax(z, dim=-1), 0)
