@@ -293,3 +293,38 @@ def unstack_layer_params(params: Mapping, max_history: int) -> dict:
             c, j = divmod(i, size)
             out[f"layers_{i}"] = _index(blocks[f"layers_{j}"], c) if c < chunks else tail[f"layers_{i - chunks * size}"]
     return {"params": out} if wrapped else out
+
+
+# --- residual streams (StreamSequential) ----------------------------------------------------
+
+
+def stack_stream_params(params: Mapping) -> dict:
+    """Unrolled ``StreamSequential`` parameters to the scanned layout.
+
+    ``layers_{i}/...`` (each layer's ``HyperConnection`` and its ``branch``)
+    are stacked along a leading depth axis into ``layers/...``, the layout of
+    ``StreamSequential(scan=True)``; other entries are kept. A torch
+    ``state_dict`` converts to the unrolled layout (:func:`torch_to_flax`),
+    then here.
+    """
+    tree, wrapped = _variables_root(params)
+    depth = _indexed(tree, "layers")
+    if depth == 0:
+        raise ConversionError("no 'layers_{i}' entries: not unrolled StreamSequential parameters")
+    out = {k: v for k, v in tree.items() if not re.fullmatch(r"layers_\d+", k)}
+    out["layers"] = _stack([tree[f"layers_{i}"] for i in range(depth)])
+    return {"params": out} if wrapped else out
+
+
+def unstack_stream_params(params: Mapping) -> dict:
+    """Scanned ``StreamSequential`` parameters to the unrolled layout (inverse of
+    :func:`stack_stream_params`)."""
+    tree, wrapped = _variables_root(params)
+    if "layers" not in tree:
+        raise ConversionError("no 'layers' entry: not scanned StreamSequential parameters")
+    leaves = [v for _, v in _leaves(tree["layers"])]
+    depth = _numpy(leaves[0]).shape[0]
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    for i in range(depth):
+        out[f"layers_{i}"] = _index(tree["layers"], i)
+    return {"params": out} if wrapped else out

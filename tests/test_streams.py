@@ -19,6 +19,22 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mhc_torch
+from mhc_jax.convert import torch_to_flax
+from tests.stream_helpers import (
+    FlaxBlock,
+    TorchBlock,
+    coefficients64,
+    flax_hyper_connection,
+    flax_stack,
+    hyper_connection64,
+    random_params,
+    run_flax,
+    run_torch,
+    stack64,
+    torch_hyper_connection,
+    torch_stack,
+)
 from tests.strategies import cotangents, temperatures
 
 # --- expand and reduce ----------------------------------------------------------------
@@ -208,18 +224,6 @@ def test_sinkhorn_non_finite_matrix_is_nan_and_alone(backend, bad):
 
 # --- coefficients: the paper's equations -------------------------------------------------
 
-from tests.stream_helpers import (  # noqa: E402
-    TorchBlock,
-    coefficients64,
-    flax_hyper_connection,
-    hyper_connection64,
-    random_params,
-    run_flax,
-    run_torch,
-    stack64,
-    torch_hyper_connection,
-    torch_stack,
-)
 
 MODES = ("mhc", "hc")
 
@@ -397,8 +401,6 @@ def test_fresh_depth_48_stack_is_a_well_scaled_residual_network(backend, mode, d
     x = np.random.default_rng(1).normal(size=(4, 8, width)).astype(np.float32)
     options = dict(num_streams=n, mode=mode, dynamic=dynamic)
     if backend.name == "jax":
-        from tests.stream_helpers import FlaxBlock, flax_stack
-
         model = flax_stack(width, depth, options, "prenorm")
         variables = model.init(jax.random.key(0), x)
         out = np.asarray(model.apply(variables, x))
@@ -449,8 +451,6 @@ def test_stack_sets_each_layers_index(backend, mode):
     n, depth, width = 3, 5, 4
     x = np.zeros((1, width), np.float32)
     if backend.name == "jax":
-        from tests.stream_helpers import flax_stack
-
         model = flax_stack(width, depth, dict(num_streams=n, mode=mode))
         params = model.init(jax.random.key(0), x)["params"]
         b_pre = [np.asarray(params[f"layers_{i}"]["b_pre"]) for i in range(depth)]
@@ -472,12 +472,8 @@ def test_stack_coefficients_are_each_layers(backend):
     params = random_params(torch_stack(width, depth, options), 0)
     x = np.random.default_rng(0).normal(size=(5, width)).astype(np.float32)
     if backend.name == "jax":
-        from tests.stream_helpers import flax_stack
-
         model = flax_stack(width, depth, options)
         template = jax.eval_shape(model.init, jax.random.key(0), x)
-        from mhc_jax.convert import torch_to_flax
-
         got = [np.asarray(c) for c in model.apply(torch_to_flax(params, template), x, method="coefficients")]
     else:
         model = torch_stack(width, depth, options)
@@ -490,3 +486,101 @@ def test_stack_coefficients_are_each_layers(backend):
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g[i], w, atol=2e-5)
         streams = hyper_connection64(streams, params, "mhc", prefix=f"layers.{i}.")
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def _build_hyper_connection(backend, width=4, **options):
+    """Construct (and for Flax, initialise on width-``width`` streams) a HyperConnection."""
+    n = options.get("num_streams", 4)
+    if backend.name == "jax":
+        hc = flax_hyper_connection(width, options)
+        streams = np.zeros((2, n if isinstance(n, int) and n > 0 else 1, width), np.float32)
+        return hc, lambda s: hc.init(jax.random.key(0), s)
+    hc = torch_hyper_connection(width, options)
+    return hc, lambda s: hc(torch.as_tensor(s))
+
+
+def _build_stack(backend, layers, **options):
+    if backend.name == "jax":
+        model = backend.lib.StreamSequential(layers, **options)
+        return lambda x: model.init(jax.random.key(0), x)
+    return backend.lib.StreamSequential(layers, **options, dim=4)
+
+
+BAD_OPTIONS = [
+    (dict(num_streams=0), ValueError, r"num_streams must be an int >= 1, got 0"),
+    (dict(num_streams=-1), ValueError, r"num_streams must be an int >= 1, got -1"),
+    (dict(num_streams="4"), TypeError, r"num_streams must be an int >= 1, got '4' \(str\)"),
+    (dict(num_streams=2.0), TypeError, r"num_streams must be an int >= 1, got 2\.0 \(float\)"),
+    (dict(sinkhorn_iterations=0), ValueError, r"sinkhorn_iterations must be an int >= 1, got 0"),
+    (dict(sinkhorn_iterations=True), TypeError, r"sinkhorn_iterations must be an int >= 1, got True \(bool\)"),
+    (dict(mode="mHC"), ValueError, r"mode must be one of \('mhc', 'hc'\), got 'mHC'"),
+    (dict(mode="residual"), ValueError, r"mode must be one of \('mhc', 'hc'\), got 'residual'"),
+    (dict(dynamic="yes"), TypeError, r"dynamic must be a bool, got 'yes' \(str\)"),
+    (dict(dynamic=1), TypeError, r"dynamic must be a bool, got 1 \(int\)"),
+    (dict(layer_index=-1), ValueError, r"layer_index must be an int >= 0, got -1"),
+    (dict(layer_index="0"), TypeError, r"layer_index must be an int >= 0, got '0' \(str\)"),
+]
+
+
+@pytest.mark.parametrize("options, error, message", BAD_OPTIONS)
+def test_bad_options_are_named_at_construction(backend, options, error, message):
+    with pytest.raises(error, match=message):
+        _build_hyper_connection(backend, **options)
+
+
+@pytest.mark.parametrize("options, error, message", [o for o in BAD_OPTIONS if "layer_index" not in o[0]])
+def test_bad_stack_options_are_named_at_construction(backend, options, error, message):
+    layers = [TorchBlock(4)] if backend.name == "torch" else [FlaxBlock(4)]
+    with pytest.raises(error, match=message):
+        _build_stack(backend, layers, **options)
+
+
+def test_empty_stack_is_an_error(backend):
+    with pytest.raises(ValueError, match=r"at least one layer \(depth >= 1\), got 0"):
+        _build_stack(backend, [])
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((4,), r"streams must have shape \(\.\.\., 3, (C|4)\) \(num_streams=3\), got shape \(4,\)"),
+        ((2, 4), r"streams must have shape \(\.\.\., 3, (C|4)\) \(num_streams=3\), got shape \(2, 4\)"),
+        ((2, 2, 4), r"streams must have shape \(\.\.\., 3, (C|4)\) \(num_streams=3\), got shape \(2, 2, 4\)"),
+    ],
+)
+def test_streams_of_the_wrong_shape_are_named(backend, shape, message):
+    hc, call = _build_hyper_connection(backend, num_streams=3)
+    with pytest.raises(ValueError, match=message):
+        call(np.zeros(shape, np.float32))
+
+
+def test_torch_streams_of_the_wrong_width_are_named():
+    hc = torch_hyper_connection(4, dict(num_streams=3))
+    with pytest.raises(ValueError, match=r"streams must have shape \(\.\.\., 3, 4\) \(num_streams=3\), got shape \(2, 3, 5\)"):
+        hc(torch.zeros(2, 3, 5))
+
+
+def test_a_branch_that_changes_the_width_is_named(backend):
+    n = 2
+    streams = np.zeros((5, n, 4), np.float32)
+    message = r"the branch must keep the width: it maps the branch input of shape \(5, 4\) to shape \(5, 3\)"
+    if backend.name == "jax":
+        import flax.linen as fnn
+
+        hc = backend.lib.HyperConnection(fnn.Dense(3), num_streams=n)
+        with pytest.raises(ValueError, match=message):
+            hc.init(jax.random.key(0), streams)
+    else:
+        hc = backend.lib.HyperConnection(4, torch.nn.Linear(4, 3), num_streams=n)
+        with pytest.raises(ValueError, match=message):
+            hc(torch.as_tensor(streams))
+
+
+def test_torch_bad_dim_is_named():
+    with pytest.raises(ValueError, match=r"dim must be an int >= 1, got 0"):
+        mhc_torch.HyperConnection(0, torch.nn.Identity())
+    with pytest.raises(TypeError, match=r"dim must be an int >= 1, got '4' \(str\)"):
+        mhc_torch.HyperConnection("4", torch.nn.Identity())
