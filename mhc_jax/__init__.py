@@ -16,6 +16,14 @@ from . import convert
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
+from .stream_monitoring import (
+    StreamWarning,
+    diagnose_streams,
+    h_res_gains,
+    plot_h_res_heatmap,
+    sinkhorn_residual,
+    stream_metrics,
+)
 from .stream_sequential import StreamSequential
 from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
@@ -26,21 +34,27 @@ __all__ = [
     "MHCSkip",
     "MixingWarning",
     "StreamSequential",
+    "StreamWarning",
     "convert",
     "diagnose",
+    "diagnose_streams",
     "expand_streams",
     "extract_mixing_weights",
+    "h_res_gains",
     "hc_coefficients",
     "identity_init_logits",
     "mhc_coefficients",
     "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
+    "plot_h_res_heatmap",
     "plot_mixing_heatmap",
     "project_doubly_stochastic",
     "project_identity_preserving",
     "project_simplex",
     "project_softmax",
     "reduce_streams",
+    "sinkhorn_residual",
+    "stream_metrics",
     "window_weights",
 ]

@@ -21,6 +21,14 @@ from .projections import (
 )
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
+from .stream_monitoring import (
+    StreamWarning,
+    diagnose_streams,
+    h_res_gains,
+    plot_h_res_heatmap,
+    sinkhorn_residual,
+    stream_metrics,
+)
 from .stream_sequential import StreamSequential
 from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
@@ -33,10 +41,13 @@ __all__ = [
     "MHCSkip",
     "MixingWarning",
     "StreamSequential",
+    "StreamWarning",
     "clear_history",
     "diagnose",
+    "diagnose_streams",
     "expand_streams",
     "extract_mixing_weights",
+    "h_res_gains",
     "hc_coefficients",
     "identity_init_logits",
     "inject_mhc",
@@ -46,12 +57,15 @@ __all__ = [
     "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
+    "plot_h_res_heatmap",
     "plot_mixing_heatmap",
     "project_doubly_stochastic",
     "project_identity_preserving",
     "project_simplex",
     "project_softmax",
     "reduce_streams",
+    "sinkhorn_residual",
+    "stream_metrics",
     "window_weights",
 ]
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import mhc_jax
 import mhc_torch
-from mhc_jax.convert import flax_to_torch, torch_to_flax
+from mhc_jax.convert import flax_to_torch, stack_stream_params, torch_to_flax, unstack_stream_params
 
 #: Branch kinds: "linear" (one Linear: the streams' arithmetic alone) and
 #: "prenorm" (LayerNorm, Linear, tanh, Linear: a pre-norm residual block).
@@ -70,12 +70,17 @@ def flax_stack(width: int, depth: int, options: dict, kind: str = "linear", **ex
     return mhc_jax.StreamSequential([FlaxBlock(width, kind) for _ in range(depth)], **options, **extra)
 
 
-def random_params(module: nn.Module, seed: int, spread: float = 0.5) -> dict[str, np.ndarray]:
+def random_params(
+    module: nn.Module, seed: int, spread: float = 0.5, branch_gain: float = 1.0, alpha_max: float = 1.0
+) -> dict[str, np.ndarray]:
     """``module``'s parameters (torch naming), moved away from the init.
 
     The init is symmetric (identical streams, uniform coefficients), which
     would hide a mix-up of streams or of ``h_res`` and its transpose: biases
-    get ``N(0, spread)`` noise and the gating factors a random size.
+    get ``N(0, spread)`` noise and the gating factors a random size in
+    ``[0.05, 1] * alpha_max``. The
+    branches' weights are multiplied by ``branch_gain`` (``1/sqrt(depth)``
+    keeps a deep linear stack from growing geometrically).
     """
     rng = np.random.default_rng(seed)
     out = {}
@@ -85,7 +90,9 @@ def random_params(module: nn.Module, seed: int, spread: float = 0.5) -> dict[str
         if leaf in ("b_pre", "b_post", "b_res"):
             value = value + rng.normal(0, spread, value.shape).astype(np.float32)
         elif leaf in ("a_pre", "a_post", "a_res"):
-            value = rng.uniform(0.05, 1.0, value.shape).astype(np.float32)
+            value = (alpha_max * rng.uniform(0.05, 1.0, value.shape)).astype(np.float32)
+        elif "branch." in name and leaf == "weight":
+            value = (branch_gain * value).astype(np.float32)
         out[name] = value
     return out
 
@@ -104,6 +111,8 @@ def _flax_vjp(module_key: tuple) -> callable:
 
     if kind_of_module == "hyper_connection":
         module = flax_hyper_connection(width, options, kind)
+    elif extra.pop("scan", False):
+        module = mhc_jax.StreamSequential.scanned(FlaxBlock(width, kind), extra.pop("depth"), **options, **extra)
     else:
         module = flax_stack(width, extra.pop("depth"), options, kind, **extra)
 
@@ -120,14 +129,24 @@ def run_flax(kind_of_module: str, width: int, options: dict, params: dict, x: np
              kind: str = "linear", device: str = "cpu", **extra) -> tuple[np.ndarray, dict]:
     """Output and gradients (``"x"`` and every parameter, torch naming) of a Flax
     ``HyperConnection`` (``kind_of_module="hyper_connection"``, ``x`` the
-    streams) or ``StreamSequential`` (``"stack"``, ``extra`` holds ``depth``)."""
+    streams) or ``StreamSequential`` (``"stack"``, ``extra`` holds ``depth``
+    and optionally ``scan``/``remat``: the scanned stack, its weights moved
+    with :func:`mhc_jax.convert.stack_stream_params`)."""
     key = (kind_of_module, width, _options_key(options), kind, _options_key(extra))
     module, run = _flax_vjp(key)
     dev = jax.devices(device)[0]
-    template = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))
-    variables = jax.device_put(torch_to_flax(params, template), dev)
+    scanned = extra.get("scan", False)
+    if scanned:
+        unrolled = flax_stack(width, extra["depth"], options, kind)
+        template = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.asarray(x))
+        variables = stack_stream_params(torch_to_flax(params, template))
+    else:
+        template = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))
+        variables = torch_to_flax(params, template)
+    variables = jax.device_put(variables, dev)
     out, d_vars, d_x = run(variables, jax.device_put(x, dev), jax.device_put(cotangent, dev))
-    grads = flax_to_torch(jax.tree.map(np.asarray, d_vars), params)
+    d_vars = jax.tree.map(np.asarray, d_vars)
+    grads = flax_to_torch(unstack_stream_params(d_vars) if scanned else d_vars, params)
     grads["x"] = np.asarray(d_x)
     return np.asarray(out), grads
 

@@ -584,3 +584,106 @@ def test_torch_bad_dim_is_named():
         mhc_torch.HyperConnection(0, torch.nn.Identity())
     with pytest.raises(TypeError, match=r"dim must be an int >= 1, got '4' \(str\)"):
         mhc_torch.HyperConnection("4", torch.nn.Identity())
+
+
+# --- diagnostics ---------------------------------------------------------------------------
+
+
+def _gains_by_hand(h_res: np.ndarray) -> dict[str, np.ndarray]:
+    """The paper's gains with numpy's matrix norms: inf-norm = max abs row sum, 1-norm = max abs column sum."""
+    depth = h_res.shape[0]
+    tokens = h_res.reshape(depth, -1, *h_res.shape[-2:])
+    out = {k: np.zeros(depth) for k in ("layer_forward", "layer_backward", "composite_forward", "composite_backward")}
+    for t in range(tokens.shape[1]):
+        for layer in range(depth):
+            m = tokens[layer, t]
+            p = np.linalg.multi_dot([tokens[k, t] for k in range(layer, -1, -1)]) if layer else m
+            for key, value in (
+                ("layer_forward", np.linalg.norm(m, np.inf)),
+                ("layer_backward", np.linalg.norm(m, 1)),
+                ("composite_forward", np.linalg.norm(p, np.inf)),
+                ("composite_backward", np.linalg.norm(p, 1)),
+            ):
+                out[key][layer] = max(out[key][layer], value)
+    return out
+
+
+@given(depth=st.integers(1, 6), n=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_gains_are_the_papers_row_and_column_sums(backend, depth, n, seed):
+    h_res = np.random.default_rng(seed).normal(0.3, 0.5, (depth, 2, 3, n, n)).astype(np.float32)
+    got = backend.lib.h_res_gains(backend.array(h_res))
+    want = _gains_by_hand(h_res.astype(np.float64))
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10)
+
+
+@given(depth=st.integers(1, 6), n=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_sinkhorn_residual_is_the_largest_row_or_column_error(backend, depth, n, seed):
+    h_res = np.random.default_rng(seed).uniform(0, 1, (depth, 4, n, n)).astype(np.float32)
+    want = np.array([
+        max(np.abs(h_res[layer].astype(np.float64).sum(-1) - 1).max(), np.abs(h_res[layer].astype(np.float64).sum(-2) - 1).max())
+        for layer in range(depth)
+    ])
+    np.testing.assert_allclose(backend.lib.sinkhorn_residual(backend.array(h_res)), want, rtol=1e-10)
+
+
+def test_doubly_stochastic_stacks_have_unit_gain_and_no_warnings(backend):
+    # Products of doubly stochastic (non-negative) matrices are doubly
+    # stochastic: every gain is 1, up to the Sinkhorn residual.
+    rng = np.random.default_rng(0)
+    logits = backend.array(rng.normal(0, 1, (24, 5, 4, 4)).astype(np.float32))
+    h_res = backend.numpy(backend.lib.project_doubly_stochastic(logits, 30))
+    gains = backend.lib.h_res_gains(h_res)
+    for key, value in gains.items():
+        np.testing.assert_allclose(value, 1.0, atol=1e-4, err_msg=key)
+    assert backend.lib.diagnose_streams(h_res) == []
+    metrics = backend.lib.stream_metrics(h_res)
+    assert set(metrics) == {
+        "streams/composite_forward_gain", "streams/composite_backward_gain", "streams/max_layer_forward_gain",
+        "streams/max_layer_backward_gain", "streams/max_sinkhorn_residual",
+    }
+    assert abs(metrics["streams/composite_forward_gain"] - 1) < 1e-4
+
+
+def test_growing_composite_gain_is_diagnosed(backend):
+    # HC-like h_res = 1.2 I for 10 layers: composite gain 1.2^l leaves the band
+    # [0.5, 2] at l = 4 (layer index 3); the row sums are 1.2, not 1.
+    h_res = np.broadcast_to(1.2 * np.eye(3), (10, 2, 3, 3)).copy()
+    warnings = backend.lib.diagnose_streams(h_res)
+    kinds = [w.kind for w in warnings]
+    assert kinds.count("gain") == 2 and "sinkhorn" in kinds
+    gain = next(w for w in warnings if w.kind == "gain")
+    assert gain.layers == tuple(range(3, 10))
+    assert "after layer 3" in gain.message and "outside [0.5, 2]" in gain.message
+    shrinking = np.broadcast_to(0.8 * np.eye(3), (10, 1, 3, 3))
+    assert any(w.kind == "gain" and w.layers[0] == 3 for w in backend.lib.diagnose_streams(shrinking))
+
+
+def test_non_finite_h_res_is_diagnosed(backend):
+    h_res = np.broadcast_to(np.eye(2), (4, 3, 2, 2)).copy()
+    h_res[2, 1, 0, 0] = np.nan
+    warnings = backend.lib.diagnose_streams(h_res)
+    assert [w.kind for w in warnings][0] == "non_finite" and warnings[0].layers == (2,)
+
+
+def test_h_res_heatmap_is_drawn_and_saved(backend, tmp_path):
+    h_res = backend.numpy(backend.lib.project_doubly_stochastic(
+        backend.array(np.random.default_rng(0).normal(size=(10, 3, 4, 4)).astype(np.float32))
+    ))
+    fig = backend.lib.plot_h_res_heatmap(h_res, path=tmp_path / "h_res.png")
+    assert (tmp_path / "h_res.png").stat().st_size > 0
+    assert sum(bool(ax.images) for ax in fig.axes) == 10  # one heatmap per layer
+
+
+def test_fresh_stack_coefficients_feed_the_diagnostics(backend):
+    # The stack's coefficients(x) are the diagnostics' input; a fresh mHC stack is healthy.
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
+    options = dict(num_streams=4)
+    if backend.name == "jax":
+        model = flax_stack(8, 12, options, "prenorm")
+        h_res = model.apply(model.init(jax.random.key(0), x), x, method="coefficients")[2]
+    else:
+        with torch.no_grad():
+            h_res = torch_stack(8, 12, options, "prenorm").coefficients(torch.as_tensor(x))[2]
+    assert tuple(h_res.shape) == (12, 2, 3, 4, 4)
+    assert backend.lib.diagnose_streams(h_res) == []
