@@ -390,6 +390,14 @@ class HyperConnection(nn.Module):
 
     def __post_init__(self):
         check_stream_options(self.num_streams, self.mode, self.dynamic, self.sinkhorn_iterations, self.layer_index)
+        if not callable(self.branch):
+            raise TypeError(f"branch must be a Flax module or a function, got {self.branch!r} ({type(self.branch).__name__})")
+        # A branch built inline in a parent's compact method is bound to that
+        # parent, so its parameters would live beside this layer instead of
+        # under its "branch" (where the torch twin and the conversion expect
+        # them): the layer takes a copy.
+        if isinstance(self.branch, nn.Module) and isinstance(self.branch.parent, nn.Module):
+            object.__setattr__(self, "branch", self.branch.copy(parent=None, name=None))
         super().__post_init__()
 
     @nn.compact

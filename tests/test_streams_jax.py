@@ -132,3 +132,25 @@ def test_dropout_rng_reaches_every_scanned_layer():
     a = model.apply(variables, x, rngs={"dropout": jax.random.key(2)})
     b = model.apply(variables, x, rngs={"dropout": jax.random.key(3)})
     assert not np.allclose(a, b)
+
+
+def test_branches_built_inline_live_under_their_layer():
+    # A branch constructed inside a parent's compact method is bound to the
+    # parent; the layer (and the stack) take a copy, so its parameters sit
+    # under "branch" as in torch, whatever the construction site.
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            streams = mhc_jax.HyperConnection(nn.Dense(4), num_streams=2)(mhc_jax.expand_streams(x, 2))
+            return mhc_jax.StreamSequential([nn.Dense(4), nn.Dense(4)], num_streams=2)(mhc_jax.reduce_streams(streams))
+
+    params = Model().init(jax.random.key(0), jnp.ones((3, 4)))["params"]
+    assert set(params) == {"HyperConnection_0", "StreamSequential_0"}
+    assert set(params["HyperConnection_0"]["branch"]) == {"kernel", "bias"}
+    stack = params["StreamSequential_0"]
+    assert set(stack) == {"layers_0", "layers_1"} and all("branch" in stack[k] for k in stack)
+
+
+def test_a_branch_that_is_not_callable_is_a_type_error():
+    with pytest.raises(TypeError, match=r"branch must be a Flax module or a function, got 3 \(int\)"):
+        mhc_jax.HyperConnection(3)

@@ -111,3 +111,8 @@ def test_weights_convert_both_ways(mode):
     scanned = mhc_jax.StreamSequential.scanned(FlaxBlock(width, "prenorm"), depth, **options)
     stacked = mhc_jax.convert.stack_stream_params(params)
     np.testing.assert_allclose(np.asarray(scanned.apply(stacked, x)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_branch_that_is_not_callable_is_a_type_error():
+    with pytest.raises(TypeError, match=r"branch must be a module or a callable, got 3 \(int\)"):
+        mhc_torch.HyperConnection(4, 3)
