@@ -274,14 +274,16 @@ def test_coefficients_are_the_papers_equations(backend, mode, n, dynamic, scale,
 @given(n=st.sampled_from([1, 2, 3, 4, 8]), seed=st.integers(0, 2**16))
 def test_mhc_coefficients_lie_on_their_manifolds(backend, n, seed):
     # h_pre in (0, 1), h_post in (0, 2), h_res doubly stochastic: rows exact
-    # (the last sweep normalises them), columns within Sinkhorn's truncation.
+    # (the last sweep normalises them); columns off by no more than 20 sweeps
+    # of Sinkhorn leave them in float64 (its truncation, not rounding).
     streams = np.random.default_rng(seed).normal(size=(4, n, 6)).astype(np.float32)
     params = _coefficient_params(n, 6, True, seed)
     h_pre, h_post, h_res = _coefficients(backend, "mhc", streams, params)
     assert ((h_pre > 0) & (h_pre < 1)).all() and ((h_post > 0) & (h_post < 2)).all()
     assert (h_res >= 0).all()
     np.testing.assert_allclose(h_res.sum(-1), 1, atol=1e-6)
-    np.testing.assert_allclose(h_res.sum(-2), 1, atol=1e-3)
+    truncation = np.abs(coefficients64(streams, params, "mhc")[2].sum(-2) - 1)
+    assert (np.abs(h_res.sum(-2) - 1) <= truncation + 1e-5).all()
 
 
 def test_coefficients_of_half_precision_streams_are_float32(backend):
