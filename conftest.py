@@ -2,9 +2,10 @@
 
 Hypothesis profiles (select with HYPOTHESIS_PROFILE):
   ci        default: 100 examples per property, derandomized (the same inputs
-            every run, so a CI failure reproduces), no example database. 100,
-            not more, keeps `make test` near 12 minutes on 2 cores now that
-            the residual-stream properties run beside the history-window ones.
+            every run, so a CI failure reproduces), no example database. 100
+            rather than 200 since the residual-stream properties joined
+            (`make test` about 22 minutes on 2 cores; it was 23 at 200: the
+            slowest tests are the fixed-cost stack parity checks).
   thorough  2000 examples per property with fresh random inputs.
   dev       25 examples, for quick local iteration.
 """
