@@ -1,6 +1,6 @@
-"""mhc_jax and mhc_torch agree on the residual streams (SPEC.md "Residual streams").
+"""mhc_jax and mhc_torch agree on the residual streams (docs/streams.md).
 
-Tolerances as SPEC.md: the Sinkhorn and the coefficients like projections
+Tolerances as docs/parity.md: the Sinkhorn and the coefficients like projections
 (absolute), one ``HyperConnection`` like one skip, a whole ``StreamSequential``
 like a stack (relative to ``max(1, |value|)``). Gradients are taken of
 ``sum(out * g)`` for a random cotangent ``g``.
@@ -30,7 +30,7 @@ def square_logits(draw):
 
 
 def _sinkhorn64(z: np.ndarray, iterations: int) -> np.ndarray:
-    """Sinkhorn in float64 numpy, as SPEC.md writes it (columns, then rows)."""
+    """Sinkhorn in float64 numpy, as docs/streams.md writes it (columns, then rows)."""
     log_p = z.astype(np.float64)
     for _ in range(iterations):
         for axis in (-2, -1):

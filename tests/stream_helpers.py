@@ -4,7 +4,7 @@ Branches are small blocks defined twice (torch and Flax) with matching
 parameter names, so the generic weight conversion (:mod:`mhc_jax.convert`)
 moves weights between them. Parameters travel as numpy dicts in torch
 ``state_dict`` naming; runners return outputs and gradients in that naming.
-An independent numpy implementation of SPEC.md's equations is here too.
+An independent numpy implementation of the equations in docs/streams.md is here too.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def run_torch(module: nn.Module, params: dict, x: np.ndarray, cotangent: np.ndar
     return out.detach().cpu().numpy(), grads
 
 
-# --- the equations in numpy (float64), written from SPEC.md ----------------------------------
+# --- the equations in numpy (float64), written from docs/streams.md ----------------------------------
 
 
 def sinkhorn64(z: np.ndarray, iterations: int) -> np.ndarray:
@@ -178,7 +178,7 @@ def sinkhorn64(z: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def coefficients64(streams: np.ndarray, params: dict, mode: str, iterations: int = 20, prefix: str = ""):
-    """(h_pre, h_post, h_res) of SPEC.md for the parameters ``{prefix}b_pre`` etc."""
+    """(h_pre, h_post, h_res) of docs/streams.md for the parameters ``{prefix}b_pre`` etc."""
     x = np.asarray(streams, np.float64)
     n = x.shape[-2]
     p = {k[len(prefix):]: np.asarray(v, np.float64) for k, v in params.items() if k.startswith(prefix)}
@@ -209,7 +209,7 @@ def block64(u: np.ndarray, params: dict, prefix: str, kind: str = "linear") -> n
 
 
 def hyper_connection64(streams, params, mode, iterations=20, prefix="", kind="linear"):
-    """SPEC.md's layer: u = sum_j h_pre[j] x[j]; out[i] = sum_j h_res[i, j] x[j] + h_post[i] F(u)."""
+    """The layer of docs/streams.md: u = sum_j h_pre[j] x[j]; out[i] = sum_j h_res[i, j] x[j] + h_post[i] F(u)."""
     x = np.asarray(streams, np.float64)
     h_pre, h_post, h_res = coefficients64(x, params, mode, iterations, prefix)
     lead = x.shape[:-2]

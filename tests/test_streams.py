@@ -1,4 +1,4 @@
-"""Residual streams (SPEC.md "Residual streams"), checked in both packages (``backend`` fixture).
+"""Residual streams (docs/streams.md), checked in both packages (``backend`` fixture).
 
 Every expected value here comes from an implementation written in the test
 (numpy, or the framework's autodiff of the loop as the paper writes it), never
@@ -92,7 +92,7 @@ def _float64(backend):
 
 
 def _unrolled_sinkhorn(backend, iterations, tau):
-    """The loop as SPEC.md writes it, differentiated by the framework's autodiff."""
+    """The loop as docs/streams.md writes it, differentiated by the framework's autodiff."""
     if backend.name == "jax":
         fn = _jax_unrolled_sinkhorn(iterations)
         return lambda m: fn(m, jnp.asarray(tau, m.dtype))
