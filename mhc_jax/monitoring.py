@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
+from .dashboard import plot_mixing_heatmap  # the plots live in dashboard.py; re-exported here
 from .skip import window_weights
 
 __all__ = [
@@ -217,39 +218,3 @@ def diagnose(
                 "clear_history_each_forward=True). A freshly initialised model also looks like this."
             )))
     return warnings
-
-
-def plot_mixing_heatmap(weights: dict[str, np.ndarray], path: str | None = None, title: str = "mHC mixing weights"):
-    """A layers x history-slots heatmap (needs matplotlib: ``pip install mhc-jax-torch[plots]``).
-
-    Rows are layers in order, columns window slots with the latest state on the
-    right; slots a short window does not have are left blank. Saves a PNG
-    when ``path`` is given. Returns the matplotlib ``Figure``.
-    """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_mixing_heatmap needs matplotlib: pip install 'mhc-jax-torch[plots]'") from err
-    names = list(weights)
-    width = max((len(w) for w in weights.values()), default=1)
-    grid = np.full((len(names), width), np.nan)
-    for row, name in enumerate(names):
-        w = np.asarray(weights[name], np.float64)
-        if len(w):
-            grid[row, width - len(w) :] = w
-    fig = Figure(figsize=(1.2 + 0.9 * width, 1.0 + 0.35 * max(len(names), 1)))
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xticks(range(width), [f"t-{width - 1 - j}" if j < width - 1 else "latest" for j in range(width)])
-    ax.set_xlabel("history slot")
-    ax.set_title(title)
-    for (row, col), value in np.ndenumerate(grid):
-        if not np.isnan(value):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if value > 0.6 else "white")
-    fig.colorbar(image, ax=ax, label="alpha")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
