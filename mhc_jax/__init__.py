@@ -13,6 +13,13 @@ from .projections import (
     project_softmax,
 )
 from . import convert
+from .dashboard import (
+    create_training_dashboard,
+    gradient_norms,
+    history_contributions,
+    plot_gradient_flow,
+    plot_history_contribution,
+)
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
@@ -36,18 +43,23 @@ __all__ = [
     "StreamSequential",
     "StreamWarning",
     "convert",
+    "create_training_dashboard",
     "diagnose",
     "diagnose_streams",
     "expand_streams",
     "extract_mixing_weights",
+    "gradient_norms",
     "h_res_gains",
     "hc_coefficients",
+    "history_contributions",
     "identity_init_logits",
     "mhc_coefficients",
     "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
+    "plot_gradient_flow",
     "plot_h_res_heatmap",
+    "plot_history_contribution",
     "plot_mixing_heatmap",
     "project_doubly_stochastic",
     "project_identity_preserving",

@@ -10,6 +10,13 @@ projections, mixes and gradients.
 """
 
 from .compat import clear_history, is_mhc_compatible, mhc_compatible
+from .dashboard import (
+    create_training_dashboard,
+    gradient_norms,
+    history_contributions,
+    plot_gradient_flow,
+    plot_history_contribution,
+)
 from .history import HistoryBuffer
 from .inject import MHCInjected, inject_mhc
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
@@ -43,12 +50,15 @@ __all__ = [
     "StreamSequential",
     "StreamWarning",
     "clear_history",
+    "create_training_dashboard",
     "diagnose",
     "diagnose_streams",
     "expand_streams",
     "extract_mixing_weights",
+    "gradient_norms",
     "h_res_gains",
     "hc_coefficients",
+    "history_contributions",
     "identity_init_logits",
     "inject_mhc",
     "is_mhc_compatible",
@@ -57,7 +67,9 @@ __all__ = [
     "mixing_metrics",
     "mixing_weights",
     "perturb_weights",
+    "plot_gradient_flow",
     "plot_h_res_heatmap",
+    "plot_history_contribution",
     "plot_mixing_heatmap",
     "project_doubly_stochastic",
     "project_identity_preserving",
