@@ -21,6 +21,7 @@ from .dashboard import (
     plot_history_contribution,
 )
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
+from .presets import ConfigError, MHCConfig, get_default_config, get_preset, load_config_from_toml, set_default_config
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
 from .stream_monitoring import (
@@ -36,7 +37,9 @@ from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coeff
 
 __all__ = [
     "History",
+    "ConfigError",
     "HyperConnection",
+    "MHCConfig",
     "MHCSequential",
     "MHCSkip",
     "MixingWarning",
@@ -48,11 +51,14 @@ __all__ = [
     "diagnose_streams",
     "expand_streams",
     "extract_mixing_weights",
+    "get_default_config",
+    "get_preset",
     "gradient_norms",
     "h_res_gains",
     "hc_coefficients",
     "history_contributions",
     "identity_init_logits",
+    "load_config_from_toml",
     "mhc_coefficients",
     "mixing_metrics",
     "mixing_weights",
@@ -66,6 +72,7 @@ __all__ = [
     "project_simplex",
     "project_softmax",
     "reduce_streams",
+    "set_default_config",
     "sinkhorn_residual",
     "stream_metrics",
     "window_weights",

@@ -20,6 +20,7 @@ from .dashboard import (
 from .history import HistoryBuffer
 from .inject import MHCInjected, inject_mhc
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
+from .presets import ConfigError, MHCConfig, get_default_config, get_preset, load_config_from_toml, set_default_config
 from .projections import (
     project_doubly_stochastic,
     project_identity_preserving,
@@ -41,7 +42,9 @@ from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coeff
 
 __all__ = [
     "HistoryBuffer",
+    "ConfigError",
     "HyperConnection",
+    "MHCConfig",
     "MHCInjected",
     "MHCLightningCallback",
     "MHCSequential",
@@ -55,11 +58,14 @@ __all__ = [
     "diagnose_streams",
     "expand_streams",
     "extract_mixing_weights",
+    "get_default_config",
+    "get_preset",
     "gradient_norms",
     "h_res_gains",
     "hc_coefficients",
     "history_contributions",
     "identity_init_logits",
+    "load_config_from_toml",
     "inject_mhc",
     "is_mhc_compatible",
     "mhc_coefficients",
@@ -76,6 +82,7 @@ __all__ = [
     "project_simplex",
     "project_softmax",
     "reduce_streams",
+    "set_default_config",
     "sinkhorn_residual",
     "stream_metrics",
     "window_weights",
