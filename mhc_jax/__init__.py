@@ -20,6 +20,7 @@ from .dashboard import (
     plot_gradient_flow,
     plot_history_contribution,
 )
+from .matrix_skip import MatrixMHCSkip, matrix_mix, matrix_weights
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .presets import ConfigError, MHCConfig, get_default_config, get_preset, load_config_from_toml, set_default_config
 from .sequential import MHCSequential
@@ -42,6 +43,7 @@ __all__ = [
     "MHCConfig",
     "MHCSequential",
     "MHCSkip",
+    "MatrixMHCSkip",
     "MixingWarning",
     "StreamSequential",
     "StreamWarning",
@@ -59,6 +61,8 @@ __all__ = [
     "history_contributions",
     "identity_init_logits",
     "load_config_from_toml",
+    "matrix_mix",
+    "matrix_weights",
     "mhc_coefficients",
     "mixing_metrics",
     "mixing_weights",

@@ -19,6 +19,7 @@ from .dashboard import (
 )
 from .history import HistoryBuffer
 from .inject import MHCInjected, inject_mhc
+from .matrix_skip import MatrixMHCSkip, matrix_mix, matrix_weights
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .presets import ConfigError, MHCConfig, get_default_config, get_preset, load_config_from_toml, set_default_config
 from .projections import (
@@ -49,6 +50,7 @@ __all__ = [
     "MHCLightningCallback",
     "MHCSequential",
     "MHCSkip",
+    "MatrixMHCSkip",
     "MixingWarning",
     "StreamSequential",
     "StreamWarning",
@@ -68,6 +70,8 @@ __all__ = [
     "load_config_from_toml",
     "inject_mhc",
     "is_mhc_compatible",
+    "matrix_mix",
+    "matrix_weights",
     "mhc_coefficients",
     "mhc_compatible",
     "mixing_metrics",

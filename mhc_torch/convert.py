@@ -18,6 +18,7 @@ from torch import nn
 
 from mhc_jax.convert import ConversionError, flax_to_torch, torch_to_flax
 
+from .matrix_skip import MatrixMHCSkip
 from .skip import MHCSkip
 from .streams import HyperConnection
 
@@ -26,8 +27,11 @@ __all__ = ["ConversionError", "SUPPORTED_LAYERS", "check_convertible", "to_flax"
 #: Layers whose weights convert (their Flax twins: Dense, Conv, LayerNorm, Embed).
 #: Layers without weights (activations, dropout, pooling, ...) need no entry.
 #: A HyperConnection's own parameters (phi, a_*, b_*) keep their names and
-#: layout in Flax; its branch converts like any other layer.
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding, MHCSkip, HyperConnection)
+#: layout in Flax; its branch converts like any other layer. A MatrixMHCSkip's
+#: (H, H) mixing_logits keep theirs too.
+SUPPORTED_LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding, MHCSkip, MatrixMHCSkip, HyperConnection
+)
 
 
 def check_convertible(model: nn.Module) -> None:

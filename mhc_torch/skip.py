@@ -296,6 +296,20 @@ def mix(y: torch.Tensor, weights: torch.Tensor, states: Sequence[torch.Tensor]) 
     return _Mix.apply(y, weights, *states)
 
 
+def history_list(history: Sequence[torch.Tensor] | HistoryBuffer | None) -> list[torch.Tensor]:
+    """The states a skip was handed, as a new list (oldest first); a bare tensor is a ``TypeError``."""
+    if history is None:
+        return []
+    if isinstance(history, HistoryBuffer):
+        return history.get()
+    if isinstance(history, torch.Tensor):
+        raise TypeError(
+            "history must be a list of tensors (oldest first), a HistoryBuffer or None, "
+            f"got a tensor of shape {tuple(history.shape)}; wrap a single state as [state]"
+        )
+    return list(history)
+
+
 def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:
     return tuple(shape[:axis]) + tuple(shape[axis + 1 :])
 
@@ -452,16 +466,7 @@ class MHCSkip(nn.Module):
         Returns:
             ``x + g * sum_k alpha_k h_k``, the shape and dtype of ``x``.
         """
-        if history is None:
-            history = []
-        elif isinstance(history, HistoryBuffer):
-            history = history.get()
-        elif isinstance(history, torch.Tensor):
-            raise TypeError(
-                "history must be a list of tensors (oldest first), a HistoryBuffer or None, "
-                f"got a tensor of shape {tuple(history.shape)}; wrap a single state as [state]"
-            )
-        window = list(history)[-self.max_history :]
+        window = history_list(history)[-self.max_history :]
         weights = None
         if window and self.mode != "residual":
             weights = self.mixing_weights(len(window), gumbel_noise=gumbel_noise)
