@@ -16,7 +16,12 @@ Values, chosen by the Flax leaf's name:
 * ``kernel`` <- ``weight``: Linear ``(out, in)`` is transposed to ``(in, out)``;
   Conv ``(out, in, *spatial)`` (OIHW) becomes ``(*spatial, in, out)`` (HWIO);
 * ``scale`` (LayerNorm), ``embedding`` (Embed) <- ``weight``, unchanged;
-* ``bias``, ``mixing_logits``, ``gate_logit`` unchanged.
+* ``bias``, ``mixing_logits``, ``gate_logit`` unchanged;
+* batch norm: ``weight`` is ``scale``, and the buffers ``running_mean`` /
+  ``running_var`` are ``mean`` / ``var`` in the ``batch_stats`` collection
+  (pass the whole variables, ``{"params": ..., "batch_stats": ...}``, as
+  ``model.init`` returns them). ``num_batches_tracked`` has no Flax
+  counterpart: it is skipped one way and kept from the torch side the other.
 
 Activations move between NCHW (torch) and NHWC (Flax); this module only moves
 weights. To compute what torch computes, build the Flax layers to match:
@@ -50,6 +55,10 @@ __all__ = [
 #: torch attribute names that the JAX twin spells differently.
 _ALIASES = {"wrapped_modules": "layers"}
 _PROJECTION = re.compile(r"projection_from_(\d+)")
+#: torch batch-norm buffers and their leaves in Flax's ``batch_stats`` collection.
+_STATS = {"running_mean": "mean", "running_var": "var"}
+#: torch's count of batch-norm updates; Flax keeps none.
+_UNTRACKED = "num_batches_tracked"
 
 
 class ConversionError(KeyError):
@@ -73,9 +82,31 @@ def _variables_root(params: Mapping) -> tuple[Mapping, bool]:
     return params, False
 
 
-def _flax_path(key: str, tree: Mapping) -> tuple[str, ...]:
-    """The Flax path of torch key ``key``, resolved against ``tree``."""
-    *modules, leaf = key.split(".")
+def _collections(variables: Mapping) -> tuple[Mapping, Mapping | None, bool]:
+    """``(params, batch_stats or None, wrapped)`` of Flax variables: like
+    :func:`_variables_root`, also accepting ``{"params": ..., "batch_stats": ...}``."""
+    if set(variables) == {"params", "batch_stats"}:
+        return variables["params"], variables["batch_stats"], True
+    tree, wrapped = _variables_root(variables)
+    return tree, None, wrapped
+
+
+def _stats_path(key: str, stats: Mapping | None, leaf: str) -> tuple[str, ...]:
+    """The ``batch_stats`` path of a torch batch-norm buffer ``key``."""
+    if stats is None:
+        raise ConversionError(
+            f"torch buffer {key!r} is a batch-norm running statistic: pass the Flax variables "
+            "with their 'batch_stats' collection ({'params': ..., 'batch_stats': ...}, as "
+            "model.init returns them)"
+        )
+    return _flax_path(key, stats, leaf=_STATS[leaf])
+
+
+def _flax_path(key: str, tree: Mapping, leaf: str | None = None) -> tuple[str, ...]:
+    """The Flax path of torch key ``key``, resolved against ``tree`` (``leaf``
+    replaces the key's last name, for buffers that Flax names otherwise)."""
+    *modules, torch_leaf = key.split(".")
+    leaf = leaf or torch_leaf
     node, path, i = tree, [], 0
     while i < len(modules):
         seg = _ALIASES.get(modules[i], modules[i])
@@ -152,24 +183,34 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping) -> dict:
       ConversionError: naming the first key that has no counterpart, whose
         shape does not fit, or a Flax parameter the ``state_dict`` lacks.
     """
-    tree, wrapped = _variables_root(template)
+    tree, stats, wrapped = _collections(template)
     out: dict = {}
+    stats_out: dict = {}
     for key, value in state_dict.items():
-        path = _flax_path(key, tree)
+        leaf = key.rpartition(".")[2]
+        if leaf == _UNTRACKED:
+            continue
+        if leaf in _STATS:
+            source, target, path = stats, stats_out, _stats_path(key, stats, leaf)
+        else:
+            source, target, path = tree, out, _flax_path(key, tree)
         converted = _to_flax_value(key, _numpy(value), path[-1])
-        expected = tuple(np.shape(_get(tree, path)))
+        expected = tuple(np.shape(_get(source, path)))
         if converted.shape != expected:
             raise ConversionError(
                 f"torch parameter {key!r} of shape {tuple(_numpy(value).shape)} does not fit "
                 f"Flax {'/'.join(path)} of shape {expected}"
             )
-        _set(out, path, converted)
-    missing = [path for path, _ in _leaves(tree) if not _has(out, path)]
-    if missing:
-        raise ConversionError(
-            f"Flax parameter {'/'.join(missing[0])} has no value in the torch state_dict "
-            f"({len(missing)} missing)"
-        )
+        _set(target, path, converted)
+    for collection, got in ((tree, out), (stats or {}, stats_out)):
+        missing = [path for path, _ in _leaves(collection) if not _has(got, path)]
+        if missing:
+            raise ConversionError(
+                f"Flax parameter {'/'.join(missing[0])} has no value in the torch state_dict "
+                f"({len(missing)} missing)"
+            )
+    if stats is not None:
+        return {"params": out, "batch_stats": stats_out}
     return {"params": out} if wrapped else out
 
 
@@ -193,21 +234,30 @@ def flax_to_torch(params: Mapping, state_dict_template: Mapping[str, Any]) -> di
       ConversionError: naming the first parameter without a counterpart or
         whose shape does not fit.
     """
-    tree, _ = _variables_root(params)
+    tree, stats, _ = _collections(params)
     out: dict[str, np.ndarray] = {}
     covered: set[tuple[str, ...]] = set()
+    covered_stats: set[tuple[str, ...]] = set()
     skip_prefixes: dict[tuple[str, ...], str] = {}
     for key, reference in state_dict_template.items():
-        path = _flax_path(key, tree)
-        value = _to_torch_value(_numpy(_get(tree, path)), path[-1])
+        leaf = key.rpartition(".")[2]
+        if leaf == _UNTRACKED:
+            out[key] = _numpy(reference)
+            continue
+        if leaf in _STATS:
+            source, path = stats, _stats_path(key, stats, leaf)
+            covered_stats.add(path)
+        else:
+            source, path = tree, _flax_path(key, tree)
+            covered.add(path)
+        value = _to_torch_value(_numpy(_get(source, path)), path[-1])
         expected = tuple(np.shape(_numpy(reference)))
         if value.shape != expected:
             raise ConversionError(
-                f"Flax {'/'.join(path)} of shape {tuple(np.shape(_get(tree, path)))} does not fit "
+                f"Flax {'/'.join(path)} of shape {tuple(np.shape(_get(source, path)))} does not fit "
                 f"torch parameter {key!r} of shape {expected}"
             )
         out[key] = value
-        covered.add(path)
         if path[-1] == "mixing_logits":
             skip_prefixes[path[:-1]] = key[: -len("mixing_logits")]
     for path, value in _leaves(tree):
@@ -217,6 +267,9 @@ def flax_to_torch(params: Mapping, state_dict_template: Mapping[str, Any]) -> di
             out[f"{skip_prefixes[path[:-2]]}{path[-2]}.weight"] = _to_torch_value(_numpy(value), "kernel")
             continue
         raise ConversionError(f"Flax parameter {'/'.join(path)} has no counterpart in the torch state_dict")
+    for path, _ in _leaves(stats or {}):
+        if path not in covered_stats:
+            raise ConversionError(f"Flax batch_stats {'/'.join(path)} has no counterpart in the torch state_dict")
     return out
 
 

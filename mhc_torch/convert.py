@@ -32,6 +32,9 @@ __all__ = ["ConversionError", "SUPPORTED_LAYERS", "check_convertible", "to_flax"
 SUPPORTED_LAYERS = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding, MHCSkip, MatrixMHCSkip, HyperConnection
 )
+#: Batch norms: weight/bias are Flax's scale/bias, running_mean/running_var its
+#: batch_stats mean/var (pass the whole Flax variables, not params alone).
+SUPPORTED_LAYERS += (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def check_convertible(model: nn.Module) -> None:
@@ -51,7 +54,8 @@ def to_flax(model: nn.Module, template: Mapping) -> dict:
     """Flax parameters (numpy) holding ``model``'s weights.
 
     ``template`` is the Flax model's parameters (structure and shapes), e.g.
-    ``flax_model.init(key, x)``.
+    ``flax_model.init(key, x)``; with batch norms, the whole variables
+    (``params`` and ``batch_stats``), and so is the result.
     """
     check_convertible(model)
     return torch_to_flax(model.state_dict(), template)
