@@ -13,6 +13,7 @@ from .projections import (
     project_softmax,
 )
 from . import convert
+from .conv import MHCBasicBlock, MHCBottleneck, MHCConv2d
 from .dashboard import (
     create_training_dashboard,
     gradient_norms,
@@ -40,7 +41,10 @@ __all__ = [
     "History",
     "ConfigError",
     "HyperConnection",
+    "MHCBasicBlock",
+    "MHCBottleneck",
     "MHCConfig",
+    "MHCConv2d",
     "MHCSequential",
     "MHCSkip",
     "MatrixMHCSkip",

@@ -10,6 +10,7 @@ projections, mixes and gradients.
 """
 
 from .compat import clear_history, is_mhc_compatible, mhc_compatible
+from .conv import MHCBasicBlock, MHCBottleneck, MHCConv2d
 from .dashboard import (
     create_training_dashboard,
     gradient_norms,
@@ -45,7 +46,10 @@ __all__ = [
     "HistoryBuffer",
     "ConfigError",
     "HyperConnection",
+    "MHCBasicBlock",
+    "MHCBottleneck",
     "MHCConfig",
+    "MHCConv2d",
     "MHCInjected",
     "MHCLightningCallback",
     "MHCSequential",
