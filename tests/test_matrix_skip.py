@@ -223,6 +223,22 @@ def test_logit_gradients_match_finite_differences(backend, doubly_stochastic):
         backend.check_grads(fn, logits)
 
 
+@pytest.mark.parametrize("doubly_stochastic", [True, False])
+def test_a_non_finite_logit_in_the_block_is_never_hidden(backend, doubly_stochastic):
+    # Outside the trailing block a logit is unused; inside it, the output is
+    # NaN (Sinkhorn: the whole block; softmax: its row, here the latest one).
+    logits, x, states = _case(12, 4, 2, SHAPE)
+    mix = _mix_fn(backend, 2, doubly_stochastic=doubly_stochastic)
+    for value in (np.nan, np.inf, -np.inf):
+        outside, inside = logits.copy(), logits.copy()
+        outside[0, 0] = outside[3, 1] = value
+        inside[3, 2] = value
+        ok, _ = backend.vjp(mix, [outside, x, *states], np.ones_like(x))
+        np.testing.assert_allclose(ok, _reference(logits, x, states, doubly_stochastic, 10), atol=1e-5)
+        bad, _ = backend.vjp(mix, [inside, x, *states], np.ones_like(x))
+        assert np.isnan(bad).all()
+
+
 # --- the module ------------------------------------------------------------------------------
 
 
