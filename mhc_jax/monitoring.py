@@ -37,6 +37,7 @@ import numpy as np
 
 from .dashboard import plot_mixing_heatmap  # the plots live in dashboard.py; re-exported here
 from .skip import window_weights
+from .stream_monitoring import _model_warnings
 
 __all__ = [
     "MixingWarning",
@@ -166,11 +167,23 @@ def diagnose(
     *,
     entropy_ratio: float = ENTROPY_RATIO,
     saturation: float = SATURATION,
+    model=None,
+    variables=None,
+    inputs=None,
 ) -> list[MixingWarning]:
     """The warning signs in ``weights`` (from :func:`extract_mixing_weights`).
 
     Windows of one state (``K = 1``) carry no choice and are not judged for
     entropy, saturation or symmetry.
+
+    With ``model``, its ``variables`` and ``inputs`` (a batch, or a tuple of
+    arguments) it also runs ``model.apply(variables, *inputs)`` once and
+    reports its residual streams' warning signs
+    (:func:`~mhc_jax.diagnose_streams` on every stack of
+    :func:`~mhc_jax.stream_monitoring.extract_h_res`; ``weights`` may then be
+    ``{}``): ``gain``, a composite gain outside ``[0.5, 2]``; ``sinkhorn``, a
+    ``mode="mhc"`` layer's Sinkhorn residual above 1e-3; ``non_finite``.
+    Their ``layers`` name the stack.
     """
     warnings: list[MixingWarning] = []
     arrays = {name: np.asarray(w, np.float64) for name, w in weights.items()}
@@ -217,4 +230,7 @@ def diagnose(
                 "state. Clear it every batch (clear_history(), MHCLightningCallback, or "
                 "clear_history_each_forward=True). A freshly initialised model also looks like this."
             )))
+    if model is not None:
+        found = _model_warnings(model, variables, inputs)
+        warnings += [MixingWarning(kind, (stack,), message) for kind, stack, message in found]
     return warnings

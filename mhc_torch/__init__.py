@@ -34,10 +34,12 @@ from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights
 from .stream_monitoring import (
     StreamWarning,
     diagnose_streams,
+    extract_h_res,
     h_res_gains,
     plot_h_res_heatmap,
     sinkhorn_residual,
     stream_metrics,
+    stream_monitor,
 )
 from .stream_sequential import StreamSequential
 from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
@@ -63,6 +65,7 @@ __all__ = [
     "diagnose",
     "diagnose_streams",
     "expand_streams",
+    "extract_h_res",
     "extract_mixing_weights",
     "get_default_config",
     "get_preset",
@@ -93,6 +96,7 @@ __all__ = [
     "set_default_config",
     "sinkhorn_residual",
     "stream_metrics",
+    "stream_monitor",
     "window_weights",
 ]
 

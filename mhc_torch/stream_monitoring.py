@@ -18,22 +18,35 @@ Sinkhorn residual compounding over depth. The paper reports mHC's composite
 gain staying near 1.6 at 27B scale while unconstrained HC's peaks near 3000.
 :func:`diagnose_streams` warns when a composite gain leaves ``GAIN_BAND``.
 
-Everything is computed in float64 numpy; the twin is
+From a whole model: :func:`extract_h_res` runs one forward pass and returns
+every stack's ``h_res``; :func:`stream_monitor` turns that into the logged
+metrics; :class:`~mhc_torch.MHCLightningCallback` logs them during training
+(forward hooks, no extra pass); :func:`mhc_torch.diagnose` takes ``model=``
+and ``inputs=`` to add these warnings to the history-window ones.
+
+The gains are computed in float64 numpy; the twin is
 :mod:`mhc_jax.stream_monitoring` (the same code, the same numbers).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
+from .stream_sequential import StreamSequential
+from .streams import HyperConnection
 
 __all__ = [
     "StreamWarning",
     "h_res_gains",
     "sinkhorn_residual",
     "stream_metrics",
+    "extract_h_res",
+    "stream_monitor",
     "diagnose_streams",
     "plot_h_res_heatmap",
     "GAIN_BAND",
@@ -57,15 +70,44 @@ def _layers(h_res) -> np.ndarray:
     h = np.asarray(h_res, np.float64)
     if h.ndim < 3 or h.shape[-1] != h.shape[-2]:
         raise ValueError(f"h_res must have shape (L, ..., n, n) (layers first), got shape {tuple(h.shape)}")
+    return _tokens(h)
+
+
+def _tokens(h):
+    """``(L, ..., n, n)`` as ``(L, T, n, n)``."""
     return h.reshape(h.shape[0], -1, h.shape[-2], h.shape[-1])
 
 
-def _forward_gain(m: np.ndarray) -> np.ndarray:
-    return np.abs(m).sum(axis=-1).max(axis=-1)
+def _forward_gain(m):
+    return abs(m).sum(axis=-1).max(axis=-1)
 
 
-def _backward_gain(m: np.ndarray) -> np.ndarray:
-    return np.abs(m).sum(axis=-2).max(axis=-1)
+def _backward_gain(m):
+    return abs(m).sum(axis=-2).max(axis=-1)
+
+
+def _gains(h, xp) -> dict:
+    """:func:`h_res_gains` of ``h`` ``(L, T, n, n)``, in the array namespace
+    ``xp`` (numpy here; the JAX twin also runs it with ``jax.numpy``)."""
+    product = xp.broadcast_to(xp.eye(h.shape[-1], dtype=h.dtype), h.shape[1:])
+    composite = []
+    for layer in range(h.shape[0]):
+        product = h[layer] @ product
+        composite.append(product)
+    composite = xp.stack(composite)
+    return {
+        "layer_forward": _forward_gain(h).max(axis=-1),
+        "layer_backward": _backward_gain(h).max(axis=-1),
+        "composite_forward": _forward_gain(composite).max(axis=-1),
+        "composite_backward": _backward_gain(composite).max(axis=-1),
+    }
+
+
+def _residual(h, xp):
+    """:func:`sinkhorn_residual` of ``h`` ``(L, T, n, n)``, in the array namespace ``xp``."""
+    rows = abs(h.sum(axis=-1) - 1).max(axis=(-2, -1))
+    columns = abs(h.sum(axis=-2) - 1).max(axis=(-2, -1))
+    return xp.maximum(rows, columns)
 
 
 def h_res_gains(h_res) -> dict[str, np.ndarray]:
@@ -79,39 +121,42 @@ def h_res_gains(h_res) -> dict[str, np.ndarray]:
       "composite_backward"}``, each of shape ``(L,)``: entry ``l`` is the gain
       of ``h_res^(l)`` alone, or of the composite ``P_l = h_res^(l) ... h_res^(1)``.
     """
-    h = _layers(h_res)
-    composite = np.empty_like(h)
-    product = np.broadcast_to(np.eye(h.shape[-1]), h.shape[1:])
-    for layer in range(h.shape[0]):
-        product = h[layer] @ product
-        composite[layer] = product
-    return {
-        "layer_forward": _forward_gain(h).max(axis=-1),
-        "layer_backward": _backward_gain(h).max(axis=-1),
-        "composite_forward": _forward_gain(composite).max(axis=-1),
-        "composite_backward": _backward_gain(composite).max(axis=-1),
-    }
+    return _gains(_layers(h_res), np)
 
 
 def sinkhorn_residual(h_res) -> np.ndarray:
     """``max(|row sum - 1|, |column sum - 1|)`` per layer, the largest over the tokens: ``(L,)``."""
-    h = _layers(h_res)
-    rows = np.abs(h.sum(axis=-1) - 1).max(axis=(-2, -1))
-    columns = np.abs(h.sum(axis=-2) - 1).max(axis=(-2, -1))
-    return np.maximum(rows, columns)
+    return _residual(_layers(h_res), np)
 
 
-def stream_metrics(h_res, prefix: str = "streams") -> dict[str, float]:
-    """Scalars for a logger: the whole stack's composite gains, the largest
-    per-layer gains and the largest Sinkhorn residual."""
-    gains = h_res_gains(h_res)
-    return {
-        f"{prefix}/composite_forward_gain": float(gains["composite_forward"][-1]),
-        f"{prefix}/composite_backward_gain": float(gains["composite_backward"][-1]),
-        f"{prefix}/max_layer_forward_gain": float(gains["layer_forward"].max()),
-        f"{prefix}/max_layer_backward_gain": float(gains["layer_backward"].max()),
-        f"{prefix}/max_sinkhorn_residual": float(sinkhorn_residual(h_res).max()),
+def _metrics(h, prefix: str, per_layer: bool, xp) -> dict:
+    """The logged scalars of one stack's ``h`` ``(L, T, n, n)``, 0-d arrays of ``xp``."""
+    gains, residual = _gains(h, xp), _residual(h, xp)
+    metrics = {
+        f"{prefix}/composite_forward_gain": gains["composite_forward"][-1],
+        f"{prefix}/composite_backward_gain": gains["composite_backward"][-1],
+        f"{prefix}/max_layer_forward_gain": gains["layer_forward"].max(),
+        f"{prefix}/max_layer_backward_gain": gains["layer_backward"].max(),
+        f"{prefix}/max_sinkhorn_residual": residual.max(),
     }
+    for layer in range(h.shape[0]) if per_layer else ():
+        for name, value in (
+            ("forward_gain", gains["layer_forward"]),
+            ("backward_gain", gains["layer_backward"]),
+            ("composite_forward_gain", gains["composite_forward"]),
+            ("composite_backward_gain", gains["composite_backward"]),
+            ("sinkhorn_residual", residual),
+        ):
+            metrics[f"{prefix}/layer_{layer}/{name}"] = value[layer]
+    return metrics
+
+
+def stream_metrics(h_res, prefix: str = "streams", per_layer: bool = False) -> dict[str, float]:
+    """Scalars for a logger: the whole stack's composite gains, the largest
+    per-layer gains and the largest Sinkhorn residual; with ``per_layer``, also
+    every layer's own and composite gains and its residual
+    (``{prefix}/layer_{l}/...``)."""
+    return {key: float(value) for key, value in _metrics(_layers(h_res), prefix, per_layer, np).items()}
 
 
 @dataclass(frozen=True)
@@ -127,7 +172,7 @@ class StreamWarning:
 
 
 def diagnose_streams(
-    h_res, band: tuple[float, float] = GAIN_BAND, sinkhorn_limit: float = SINKHORN_RESIDUAL_LIMIT
+    h_res, band: tuple[float, float] = GAIN_BAND, sinkhorn_limit: float | None = SINKHORN_RESIDUAL_LIMIT
 ) -> list[StreamWarning]:
     """Warning signs in a stack's ``h_res`` ``(L, ..., n, n)``; empty when healthy.
 
@@ -137,7 +182,7 @@ def diagnose_streams(
       layers leaves ``band`` (the first such depth is named);
     * ``sinkhorn``: a layer's Sinkhorn residual exceeds ``sinkhorn_limit``
       (meaningful for ``mode="mhc"``; HC's ``h_res`` is not meant to be doubly
-      stochastic).
+      stochastic: ``sinkhorn_limit=None`` skips the check).
     """
     h = _layers(h_res)
     warnings: list[StreamWarning] = []
@@ -160,6 +205,8 @@ def diagnose_streams(
                 f"{outside.size - 1} deeper) is outside [{low:g}, {high:g}]; at the last layer "
                 f"{composite[-1]:.3g}",
             ))
+    if sinkhorn_limit is None:
+        return warnings
     residual = sinkhorn_residual(h)
     over = np.flatnonzero(residual > sinkhorn_limit)
     if over.size:
@@ -170,6 +217,172 @@ def diagnose_streams(
             f"{over.tolist()}: raise sinkhorn_iterations",
         ))
     return warnings
+
+
+# --- a whole model: every stack's h_res from one forward pass ----------------------------
+
+
+def _stacks(records: list) -> dict[str, tuple[str, torch.Tensor]]:
+    """Per-layer records, in call order, grouped into stacks.
+
+    ``records`` holds ``(path, stack, mode, h_res)``: the layer's module path
+    (a tuple of names), its ``StreamSequential``'s path (None for a
+    ``HyperConnection`` of its own), its mode and its ``h_res`` ``(..., n, n)``.
+    A ``StreamSequential``'s layers form its stack; the other
+    hyper-connections chain in call order, one chain per shape of ``h_res``,
+    named by their longest common path. Returns ``{name: (mode, h_res (L,
+    ..., n, n))}``; the mode is ``"hc"`` unless every layer is ``"mhc"``.
+    """
+    grouped: dict[tuple, list] = {}
+    for path, stack, mode, h in records:
+        key = ("stack", stack) if stack is not None else ("chain", tuple(h.shape))
+        grouped.setdefault(key, []).append((path, mode, h))
+    stacks = {}
+    for (kind, stack), layers in grouped.items():
+        common = stack if kind == "stack" else os.path.commonprefix([path for path, _, _ in layers])
+        name = ".".join(common)
+        while name in stacks:  # two chains under one common path
+            name += "'"
+        mode = "mhc" if all(m == "mhc" for _, m, _ in layers) else "hc"
+        stacks[name] = (mode, torch.stack([h for _, _, h in layers]))
+    return stacks
+
+
+class _Recorder:
+    """Forward pre-hooks on every :class:`HyperConnection` of ``model`` that,
+    while ``active``, keep the ``h_res`` each layer computes for its input.
+
+    Each layer's first call while active is kept (activation checkpointing
+    calls it again in the backward pass), computed under ``no_grad`` in a
+    pre-hook, where FSDP2 has already gathered the layer's parameters. The
+    hooks stay registered (a flag test per layer and call when inactive), so
+    that a model compiled after they were added traces them: ``torch.compile``
+    ignores hooks added later, and compiles a second graph, once, for the
+    active flag.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        owner = {}
+        for path, module in model.named_modules():
+            if isinstance(module, StreamSequential):
+                for layer in module.layers:  # a nested stack overrides its parent (visited later)
+                    owner[id(layer)] = tuple(path.split(".")) if path else ()
+        self.active = False
+        self.captured: dict[tuple, tuple] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(tuple(path.split(".")), owner.get(id(module))), with_kwargs=True)
+            for path, module in model.named_modules()
+            if isinstance(module, HyperConnection)
+        ]
+
+    @property
+    def hooked(self) -> int:
+        """The number of hyper-connections watched."""
+        return len(self._handles)
+
+    def _hook(self, path: tuple, stack: tuple | None):
+        def hook(module, args, kwargs):
+            if not self.active or path in self.captured:
+                return
+            with torch.no_grad():
+                h_res = module.coefficients(args[0] if args else kwargs["streams"])[2]
+            self.captured[path] = (stack, module.mode, h_res)
+
+        return hook
+
+    def start(self) -> None:
+        self.captured = {}
+        self.active = True
+
+    def stacks(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """Stop recording; what was kept, grouped by :func:`_stacks`."""
+        self.active = False
+        return _stacks([(path, stack, mode, h) for path, (stack, mode, h) in self.captured.items()])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[str, torch.Tensor]]:
+    """``model(*args, **kwargs)`` under ``no_grad``, keeping every layer's ``h_res`` (:func:`_stacks`)."""
+    recorder = _Recorder(model)
+    try:
+        recorder.start()
+        with torch.no_grad():
+            model(*args, **kwargs)
+        return recorder.stacks()
+    finally:
+        recorder.remove()
+
+
+def extract_h_res(model: nn.Module, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """Every stack's ``h_res`` in one forward pass of ``model``.
+
+    Runs ``model(*args, **kwargs)`` under ``torch.no_grad()`` and keeps the
+    ``h_res`` each :class:`HyperConnection` computed for its input.
+
+    Returns:
+        ``{name: h_res}``, ``h_res`` of shape ``(L, ..., n, n)``, layer first:
+        one entry per :class:`StreamSequential` (its module path) and one per
+        chain of other hyper-connections (in call order, named by their
+        common path).
+    """
+    return {name: h_res for name, (_, h_res) in _capture(model, args, kwargs).items()}
+
+
+def stream_monitor(model: nn.Module, *, prefix: str = "streams", per_layer: bool = False):
+    """A function ``(*args, **kwargs) -> metrics`` for a training loop.
+
+    The metrics are :func:`stream_metrics`'s keys for every stack of
+    :func:`extract_h_res`, ``{prefix}/{stack}/...``, as floats (one extra
+    forward pass under ``no_grad``). In Lightning,
+    :class:`~mhc_torch.MHCLightningCallback` logs them without the extra pass.
+
+        monitor = mhc_torch.stream_monitor(model)
+        metrics = monitor(batch)
+    """
+
+    def monitor(*args, **kwargs) -> dict[str, float]:
+        return _stack_metrics(extract_h_res(model, *args, **kwargs), prefix, per_layer)
+
+    return monitor
+
+
+def _stack_metrics(stacks: dict, prefix: str, per_layer: bool) -> dict[str, float]:
+    metrics = {}
+    for name, h_res in stacks.items():
+        metrics.update(stream_metrics(h_res, f"{prefix}/{name}" if name else prefix, per_layer))
+    return metrics
+
+
+_CURES = {
+    ("gain", "hc"): " Unconstrained hyper-connections let the composite mixing grow or shrink with depth: "
+    "use mode='mhc', whose doubly stochastic h_res keeps its gain at 1, or lower the learning rate.",
+    ("gain", "mhc"): " Sinkhorn's truncation compounds over depth: raise sinkhorn_iterations.",
+    ("sinkhorn", "mhc"): "",
+    ("non_finite", "mhc"): " The coefficients diverged: lower the learning rate and check the inputs.",
+    ("non_finite", "hc"): " The coefficients diverged: lower the learning rate and check the inputs.",
+}
+
+
+def _model_warnings(model: nn.Module, inputs) -> list[tuple[str, str, str]]:
+    """``(kind, stack, message)`` for :func:`diagnose_streams`'s warnings on
+    every stack of ``model`` (the Sinkhorn check for ``mode="mhc"`` stacks only)."""
+    if inputs is None:
+        raise ValueError(
+            "diagnosing the residual streams of a model needs an input batch (inputs=x or a tuple of arguments), "
+            "got inputs=None"
+        )
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    found = []
+    for name, (mode, h_res) in _capture(model, args, {}).items():
+        limit = SINKHORN_RESIDUAL_LIMIT if mode == "mhc" else None
+        for warning in diagnose_streams(h_res, sinkhorn_limit=limit):
+            message = f"residual streams {name or '(the model)'} (mode={mode!r}): {warning.message}."
+            found.append((warning.kind, name, message + _CURES[warning.kind, mode]))
+    return found
 
 
 def plot_h_res_heatmap(h_res, path: str | None = None, title: str = "h_res per layer (mean over tokens)"):

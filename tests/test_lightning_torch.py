@@ -10,7 +10,17 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mhc_torch import MHCLightningCallback, MHCSequential, MHCSkip, mhc_compatible, project_simplex
+from mhc_torch import (
+    HyperConnection,
+    MHCLightningCallback,
+    MHCSequential,
+    MHCSkip,
+    StreamSequential,
+    expand_streams,
+    mhc_compatible,
+    project_simplex,
+    reduce_streams,
+)
 
 
 @mhc_compatible
@@ -165,3 +175,53 @@ def test_entropy_and_latest_weight_are_consistent():
     latest = callback.latest_metrics["mhc/stack.skip_layers.2/latest_weight"]
     entropy = callback.latest_metrics["mhc/stack.skip_layers.2/entropy"]
     assert 0 < latest <= 1 and 0 <= entropy <= np.log(3) + 1e-6
+
+
+class StreamModule(L.LightningModule):
+    """Residual streams: a StreamSequential and a chain of two hyper-connections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = StreamSequential([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(3)], dim=8, num_streams=2)
+        self.chain = nn.ModuleList(HyperConnection(8, nn.Linear(8, 8), num_streams=2, mode="hc") for _ in range(2))
+        self.head = nn.Linear(8, 2)
+        self.h_res_by_step: dict[int, torch.Tensor] = {}
+
+    def forward(self, x):
+        streams = expand_streams(self.stack(x), 2)
+        for layer in self.chain:
+            streams = layer(streams)
+        return self.head(reduce_streams(streams))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():  # what the stack computes on the batch of the step that ends here
+            self.h_res_by_step[self.global_step + 1] = self.stack.coefficients(x)[2]
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_fit_logs_the_stream_gains_of_the_logging_batch():
+    module, logger, callback = StreamModule(), MemoryLogger(), MHCLightningCallback(log_interval=2)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, callbacks=[callback], log_every_n_steps=1,
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, _data(32))
+    logged = {step: m for step, m in logger.records if any(k.startswith("mhc/stack/") for k in m)}
+    assert sorted(logged) == [2, 4]
+    per_layer = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain", "sinkhorn_residual")
+    for stack, depth in (("stack", 3), ("chain", 2)):
+        assert {f"mhc/{stack}/layer_{i}/{what}" for i in range(depth) for what in per_layer} <= set(logged[4])
+    for step, metrics in logged.items():
+        h = module.h_res_by_step[step].double()
+        product = h[2] @ h[1] @ h[0]
+        # The infinity norm is the largest absolute row sum, the 1-norm the largest column sum.
+        forward = torch.linalg.matrix_norm(product, ord=float("inf")).max().item()
+        backward = torch.linalg.matrix_norm(product, ord=1).max().item()
+        assert metrics["mhc/stack/composite_forward_gain"] == pytest.approx(forward, rel=1e-9)
+        assert metrics["mhc/stack/composite_backward_gain"] == pytest.approx(backward, rel=1e-9)
+        assert metrics["mhc/stack/max_sinkhorn_residual"] < 1e-3
+    # The hooks are gone after fit.
+    assert not any(m._forward_pre_hooks for m in module.modules())
