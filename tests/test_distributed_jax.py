@@ -3,7 +3,8 @@
 A batch-sharded jitted training step (``jax.sharding.Mesh`` over 8 devices,
 the batch axis sharded, the parameters replicated; loss ``mean(out^2)``,
 ``jax.value_and_grad``, a plain SGD update) of the unrolled and the scanned
-``MHCSequential`` must
+``MHCSequential``, and of the unrolled and the scanned (with ``remat``)
+``StreamSequential`` (residual streams: docs/streams.md), must
 
 * give the loss, gradients and updated parameters of the unsharded step, and
 * compile to a program that all-gathers no activations: each device works on
@@ -31,7 +32,8 @@ DEVICES, DEPTH, WIDTH = 8, 4, 16
 #: all-gather of activations is told apart from one of a (WIDTH, WIDTH) kernel.
 BATCH = 32
 LEARNING_RATE = 0.1
-VARIANTS = ("unrolled", "scanned")
+NUM_STREAMS = 3  # not BATCH // DEVICES: a per-device (4, 16) shard is told apart from one token's (n, C) streams
+VARIANTS = ("unrolled", "scanned", "streams-unrolled", "streams-scanned-remat")
 
 
 def _measure() -> dict:
@@ -42,7 +44,7 @@ def _measure() -> dict:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from mhc_jax import MHCSequential
+    from mhc_jax import MHCSequential, StreamSequential
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -59,10 +61,18 @@ def _measure() -> dict:
     x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH), jnp.float32)
     report = {"devices": len(devices), "platform": devices[0].platform, "variants": {}}
 
+    def build(variant):
+        if variant.startswith("streams"):
+            if variant == "streams-scanned-remat":
+                return StreamSequential.scanned(Block(), DEPTH, num_streams=NUM_STREAMS, remat=True)
+            return StreamSequential([Block()] * DEPTH, num_streams=NUM_STREAMS)
+        return MHCSequential([Block()] * DEPTH, max_history=3, use_gating=True, scan=variant == "scanned")
+
     for variant in VARIANTS:
-        model = MHCSequential([Block()] * DEPTH, max_history=3, use_gating=True, scan=variant == "scanned")
+        model = build(variant)
         params = model.init(jax.random.key(0), x)
-        # Away from the near-residual init, so every window state matters.
+        # Away from the near-residual init, so every window state (every
+        # stream, every coefficient) matters.
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(2), len(leaves))
         params = jax.tree.unflatten(
