@@ -26,9 +26,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
-import warnings
-from collections.abc import Callable
 
 import flax.linen as fnn
 import jax
@@ -40,36 +37,20 @@ from torch import nn
 import mhc_jax
 import mhc_torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    jax_compile_seconds,
+    jax_temp_bytes,
+    jax_train_step,
+    once,
+    paired_ratio,
+    ratio_row,
+    torch_peak_bytes,
+    torch_train_step,
+)
+
 DEPTH, WIDTH, BATCH, H = 50, 256, 128, 4
 TARGETS = {"torch eager": 1.25, "torch.compile": 1.15, "jax unrolled (jit)": 1.20, "jax scanned (jit)": 1.20}
-
-
-# --- timing -----------------------------------------------------------------------------
-
-
-def _once(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def paired_ratio(baseline: Callable[[], None], candidate: Callable[[], None], pairs: int) -> dict:
-    """Median over ``pairs`` of candidate / mean(baseline before, baseline after)."""
-    for _ in range(3):
-        baseline(), candidate()
-    ratios, base_times, cand_times = [], [], []
-    for _ in range(pairs):
-        b1, c, b2 = _once(baseline), _once(candidate), _once(baseline)
-        ratios.append(c / ((b1 + b2) / 2))
-        base_times.append((b1 + b2) / 2)
-        cand_times.append(c)
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return dict(
-        ratio=statistics.median(ratios),
-        iqr=(q1, q3),
-        base_ms=1e3 * statistics.median(base_times),
-        cand_ms=1e3 * statistics.median(cand_times),
-    )
 
 
 # --- torch ------------------------------------------------------------------------------
@@ -88,14 +69,6 @@ class TorchResidual(nn.Module):
         for f in self.layers:
             x = x + f(x)
         return x
-
-
-def torch_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-
-    return step
 
 
 def torch_models(**options):
@@ -149,87 +122,12 @@ class JaxScannedResidual(fnn.Module):
         return scanned()(x, None)[0]
 
 
-def jax_step(model: fnn.Module, x: jax.Array) -> Callable[[], None]:
-    """A jitted training step, compiled up front."""
-    params = model.init(jax.random.key(0), x)
-    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
-    compiled = grad.lower(params, x).compile()
-
-    def step():
-        jax.block_until_ready(compiled(params, x))
-
-    return step
-
-
-def compile_seconds(model: fnn.Module, x: jax.Array) -> float:
-    params = jax.eval_shape(model.init, jax.random.key(0), x)
-    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
-    start = time.perf_counter()
-    grad.lower(params, x).compile()
-    return time.perf_counter() - start
-
-
-def jax_temp_bytes(model: fnn.Module, x: jax.Array) -> int | None:
-    params = jax.eval_shape(model.init, jax.random.key(0), x)
-    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(model.apply(p, x) ** 2)))
-    analysis = grad.lower(params, x).compile().memory_analysis()
-    return None if analysis is None else analysis.temp_size_in_bytes
-
-
-# --- torch memory -------------------------------------------------------------------------
-
-
-def torch_peak_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """(peak bytes allocated during a training step, bytes of activations saved for backward).
-
-    The peak is above what was allocated before the step (parameters, input):
-    on CUDA the allocator's own statistic, on CPU the profiler's memory
-    timeline (allocations and frees in order). Saved bytes count each storage
-    the autograd graph holds once, parameters excluded.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    def step():
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(x).square().mean()
-        loss.backward()
-
-    model.zero_grad(set_to_none=True)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, sum(saved.values())
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the CUDA snapshot API has no CPU twin
-        prof.export_memory_timeline(f.name, device="cpu")
-        _, sizes = json.load(open(f.name))
-    totals = [sum(s) for s in sizes]
-    return max(totals) - totals[0], sum(saved.values())
-
-
 # --- report -------------------------------------------------------------------------------
 
 
 def torch_rows(x: torch.Tensor, pairs: int) -> None:
     mhc, residual = (m.to(x.device) for m in torch_models())
-    print(row("torch eager", paired_ratio(torch_step(residual, x), torch_step(mhc, x), pairs)), flush=True)
+    print(_row("torch eager", paired_ratio(torch_train_step(residual, x), torch_train_step(mhc, x), pairs)), flush=True)
 
 
 # glibc returns freed blocks above these sizes to the OS; the next allocation
@@ -242,10 +140,10 @@ ALONE = ("residual", "mhc")
 def alone_ms(which: str, steps: int) -> float:
     """Median step time (ms) of one eager torch stack with the process to itself."""
     mhc, residual = torch_models()
-    step = torch_step(residual if which == "residual" else mhc, torch.randn(BATCH, WIDTH))
+    step = torch_train_step(residual if which == "residual" else mhc, torch.randn(BATCH, WIDTH))
     for _ in range(5):
         step()
-    return 1e3 * statistics.median(_once(step) for _ in range(steps))
+    return 1e3 * statistics.median(once(step) for _ in range(steps))
 
 
 def alone_rows(rounds: int, steps: int) -> None:
@@ -268,13 +166,8 @@ def alone_rows(rounds: int, steps: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def row(name: str, m: dict) -> str:
-    target = TARGETS.get(name)
-    verdict = "" if target is None else ("meets" if m["ratio"] <= target else "MISSES") + f" <= {target:.2f}x"
-    return (
-        f"| {name:<28} | {m['base_ms']:8.2f} | {m['cand_ms']:8.2f} | {m['ratio']:5.3f}x "
-        f"({m['iqr'][0]:.2f}-{m['iqr'][1]:.2f}) | {verdict:<14} |"
-    )
+def _row(name: str, m: dict) -> str:
+    return ratio_row(name, m, TARGETS.get(name))
 
 
 def main() -> None:
@@ -307,13 +200,13 @@ def main() -> None:
     mhc, residual = (m.to(device) for m in torch_models())
     if not (args.quick or args.no_compile):
         compiled_mhc, compiled_res = torch.compile(mhc), torch.compile(residual)
-        print(row("torch.compile", paired_ratio(torch_step(compiled_res, x), torch_step(compiled_mhc, x), pairs)), flush=True)
+        print(_row("torch.compile", paired_ratio(torch_train_step(compiled_res, x), torch_train_step(compiled_mhc, x), pairs)), flush=True)
     seed = seed_models()
     if seed is None:
         print("| seed library `mhc`            | not installed (pip install mhc matplotlib) |")
     else:
         s_mhc, s_res = (m.to(device) for m in seed)
-        print(row("seed library mhc 0.5 (eager)", paired_ratio(torch_step(s_res, x), torch_step(s_mhc, x), pairs)), flush=True)
+        print(_row("seed library mhc 0.5 (eager)", paired_ratio(torch_train_step(s_res, x), torch_train_step(s_mhc, x), pairs)), flush=True)
 
     xj = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, WIDTH)).astype(np.float32))
     unrolled = mhc_jax.MHCSequential([JaxBlock() for _ in range(DEPTH)], max_history=H)
@@ -322,8 +215,8 @@ def main() -> None:
         ("jax unrolled (jit)", unrolled, JaxResidual(DEPTH)),
         ("jax scanned (jit)", scanned, JaxScannedResidual(DEPTH)),
     ):
-        base_step = jax_step(base, xj)
-        print(row(name, paired_ratio(base_step, jax_step(model, xj), pairs)), flush=True)
+        base_step = jax_train_step(base, xj)
+        print(_row(name, paired_ratio(base_step, jax_train_step(model, xj), pairs)), flush=True)
 
     if device == "cpu" and platform.system() == "Linux":
         print(
@@ -339,9 +232,9 @@ def main() -> None:
     print("| ---: | ---: | ---: |")
     times = {}
     for depth in (8, 64, 256):
-        scan_s = compile_seconds(mhc_jax.MHCSequential.scanned(JaxBlock(), depth, max_history=H), xj)
+        scan_s = jax_compile_seconds(mhc_jax.MHCSequential.scanned(JaxBlock(), depth, max_history=H), xj)
         unrolled_s = (
-            compile_seconds(mhc_jax.MHCSequential([JaxBlock() for _ in range(depth)], max_history=H), xj)
+            jax_compile_seconds(mhc_jax.MHCSequential([JaxBlock() for _ in range(depth)], max_history=H), xj)
             if depth <= 64 and not args.quick
             else float("nan")
         )

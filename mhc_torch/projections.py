@@ -271,6 +271,15 @@ def project_doubly_stochastic(
     1 as ``iterations`` grows (fast for moderate logits, slowly when
     ``M / tau`` is nearly a permutation) and carry the truncation error.
 
+    Only the first sweep needs log space: after it every row sums to 1 and
+    every column sum lies in ``[1/n, n]``, so the later sweeps divide the
+    probabilities ``exp(L_t)`` by their column and row sums directly (two
+    small matrix products and two divisions instead of two ``log_softmax``
+    calls; the same map, equal to the log-space sweeps to rounding). When
+    ``n`` or ``iterations`` is so large that an entry rounded to zero could
+    grow back into view (``iterations - 1 > 40 / ln n``), every sweep stays
+    in log space.
+
     **Gradient.** The derivative is that of the ``T`` sweeps as written (the
     truncated loop, not the limit), but the forward pass keeps only ``M / tau``
     for it, never the ``2T`` iterates: the backward pass recomputes the sweeps
@@ -337,6 +346,57 @@ def _finite_part(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return finite, torch.where(finite, z, 0)
 
 
+# Speed (eager torch). A log-space sweep costs two log_softmax calls over tiny
+# axes, which are slow kernels; a sweep on probabilities costs two small
+# matrix products and two divisions. Both compute the same map: after one
+# log-space sweep every row sums to 1 and every column sum lies in
+# [1/n, n], and from there each further sweep multiplies an entry by a factor
+# in [1/n^2, n^2]. So after the first sweep the probabilities are swept
+# directly, as long as an entry that exp() rounds to zero (below e^-103)
+# cannot grow past e^-23 (an error far below float32's resolution of 1):
+# at most PLAIN_SWEEP_BUDGET / ln(n) further sweeps. Longer runs (large n or
+# many iterations) stay in log space throughout.
+_PLAIN_SWEEP_BUDGET = 40.0
+
+
+def _plain_sweeps_allowed(n: int, iterations: int) -> bool:
+    return n == 1 or iterations - 1 <= _PLAIN_SWEEP_BUDGET / math.log(n)
+
+
+def _group_sums(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 matrices ``S`` such that ``p @ S`` gives, for each entry of a
+    row-major flattened ``(n, n)`` matrix ``p``, its column sum and its row sum."""
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    ones = torch.ones(n, n, dtype=like.dtype, device=like.device)
+    return torch.kron(ones, eye), torch.kron(eye, ones)
+
+
+def _sinkhorn_tape(z: torch.Tensor, iterations: int, keep: bool):
+    """The sweeps of ``z`` (finite, ``(..., n, n)``): the result ``P`` and, with
+    ``keep``, what the backward pass needs (the first sweep in log space, the
+    rest on probabilities when :func:`_plain_sweeps_allowed`)."""
+    n = z.shape[-1]
+    log_c, log_p = _sinkhorn_sweep(z)
+    tape = [(torch.exp(log_c), torch.exp(log_p))] if keep else []
+    if not _plain_sweeps_allowed(n, iterations):
+        for _ in range(iterations - 1):
+            log_c, log_p = _sinkhorn_sweep(log_p)
+            if keep:
+                tape.append((torch.exp(log_c), torch.exp(log_p)))
+        return torch.exp(log_p), tape, None
+    s_col, s_row = _group_sums(n, z)
+    p = torch.exp(log_p).reshape(-1, n * n)
+    plain = []
+    for _ in range(iterations - 1):
+        col_sums = p @ s_col
+        c = p / col_sums
+        row_sums = c @ s_row
+        p = c / row_sums
+        if keep:
+            plain.append((c, col_sums, p, row_sums))
+    return p.reshape(z.shape), tape, (plain, s_col, s_row)
+
+
 class _Sinkhorn(torch.autograd.Function):
     """``exp`` of ``iterations`` sweeps; the backward pass recomputes the iterates.
 
@@ -348,10 +408,8 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(z: torch.Tensor, iterations: int) -> torch.Tensor:
-        finite, log_p = _finite_part(z)
-        for _ in range(iterations):
-            log_p = _sinkhorn_sweep(log_p)[1]
-        return torch.where(finite, torch.exp(log_p), math.nan)
+        finite, z = _finite_part(z)
+        return torch.where(finite, _sinkhorn_tape(z, iterations, keep=False)[0], math.nan)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -364,13 +422,20 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (z,) = ctx.saved_tensors
-        finite, log_p = _finite_part(z)
-        exps = []
-        for _ in range(ctx.iterations):
-            log_c, log_p = _sinkhorn_sweep(log_p)
-            exps.append((torch.exp(log_c), torch.exp(log_p)))
-        g_log = torch.where(finite, g, 0) * exps[-1][1]
-        for c_t, r_t in reversed(exps):
+        finite, z = _finite_part(z)
+        p, tape, plain = _sinkhorn_tape(z, ctx.iterations, keep=True)
+        g = torch.where(finite, g, 0)
+        if plain is not None:
+            # y = x / (x @ S) has the pullback g_x = (g_y - (g_y * y) @ S) / (x @ S).
+            iterates, s_col, s_row = plain
+            g = g.reshape(-1, z.shape[-1] ** 2)
+            for c, col_sums, r, row_sums in reversed(iterates):
+                g = (g - (g * r) @ s_row) / row_sums  # through the row step
+                g = (g - (g * c) @ s_col) / col_sums  # through the column step
+            g = g.reshape(z.shape)
+            p = tape[-1][1]  # the probabilities the plain sweeps started from
+        g_log = g * p  # through exp
+        for c_t, r_t in reversed(tape):
             g_col = g_log - r_t * g_log.sum(dim=-1, keepdim=True)  # through the row step
             g_log = g_col - c_t * g_col.sum(dim=-2, keepdim=True)  # through the column step
         return torch.where(finite, g_log, 0), None
