@@ -40,6 +40,8 @@ __all__ = [
 
 #: Rows up to which the heatmap prints each weight in its cell.
 ANNOTATE_ROWS = 24
+#: What separates the parts of a layer's name (torch ``.``, Flax ``/``, ``layers_{i}``).
+SEPARATORS = "./_ "
 
 
 def history_contributions(weights: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -146,15 +148,17 @@ def _slot_labels(width: int) -> list[str]:
 
 
 def _short_names(names: list[str]) -> tuple[list[str], str]:
-    """Names without their common prefix (cut after a separator), and that prefix."""
+    """Names without their common prefix (cut after a separator), and that prefix,
+    where what is left is a plain index or name (``skip_layers.{i}``)."""
     prefix = names[0]
     for name in names[1:]:
         while not name.startswith(prefix):
             prefix = prefix[:-1]
-    cut = max(prefix.rfind(sep) for sep in "./_ ") + 1
-    if len(names) < 2 or cut == 0 or any(len(n) == cut for n in names):
+    cut = max(prefix.rfind(sep) for sep in SEPARATORS) + 1
+    rest = [n[cut:] for n in names]
+    if len(names) < 2 or cut == 0 or any(not r or any(sep in r for sep in SEPARATORS) for r in rest):
         return names, ""
-    return [n[cut:] for n in names], names[0][:cut]
+    return rest, names[0][:cut]
 
 
 def _label_layers(ax, names: list[str], axis: str = "y") -> None:
@@ -290,11 +294,13 @@ def create_training_dashboard(
     path: str | None = None,
     *,
     curves: Mapping[str, Sequence[float]] | None = None,
+    curve_steps: Sequence[int] | None = None,
     title: str = "mHC training dashboard",
 ):
     """One figure: mixing heatmap and history contributions side by side, the
     gradient flow below, and one panel per training curve (``{"loss": [...]}``,
-    value per logged step) when ``curves`` is given.
+    one value per log entry) when ``curves`` is given, drawn against
+    ``curve_steps`` (the training step of each entry) when given.
 
     ``weights`` come from ``extract_mixing_weights``, ``norms`` from
     :func:`gradient_norms`. Saves a PNG when ``path`` is given. Returns the
@@ -305,6 +311,8 @@ def create_training_dashboard(
     for name, values in curves.items():
         if np.asarray(values).ndim != 1 or not len(values):
             raise ValueError(f"curves[{name!r}] must be a non-empty 1-D sequence of values, got {values!r:.80}")
+        if curve_steps is not None and len(curve_steps) != len(values):
+            raise ValueError(f"curve_steps has {len(curve_steps)} entries but curves[{name!r}] has {len(values)}")
     top = 1.5 + 0.2 * len(arrays)
     heights = [top, 4.0] + ([2.6] if curves else [])
     fig = _figure("create_training_dashboard", figsize=(14.0, sum(heights)))
@@ -314,9 +322,10 @@ def create_training_dashboard(
     _draw_gradient_flow(fig.add_subplot(grid[1, :]), flow, "gradient flow")
     for col, (name, values) in enumerate(curves.items()):
         ax = fig.add_subplot(grid[2, col])
-        ax.plot(np.arange(1, len(values) + 1), np.asarray(values, np.float64))
+        x = np.arange(1, len(values) + 1) if curve_steps is None else np.asarray(curve_steps)
+        ax.plot(x, np.asarray(values, np.float64))
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("logged step")
+        ax.set_xlabel("log entry" if curve_steps is None else "training step")
         ax.set_ylabel(name)
         ax.set_title(name)
         ax.grid(alpha=0.3)
