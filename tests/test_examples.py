@@ -84,3 +84,18 @@ def test_flax_monitoring_logs_metrics_and_diagnoses_from_params(tmp_path):
     assert [h["step"] for h in result["history"]] == [30, 60]
     assert len(result["weights"]) == 16 and (tmp_path / "f.png").exists()
     assert result["accuracy"] > 0.5
+
+
+def test_dashboard_example_draws_the_same_dashboard_in_both_packages(tmp_path):
+    result = _load("dashboard.py")["main"](steps=20, depth=4, log_every=5, path=str(tmp_path / "t.png"), jax_path=str(tmp_path / "j.png"))
+    assert (tmp_path / "t.png").read_bytes()[:4] == (tmp_path / "j.png").read_bytes()[:4] == b"\x89PNG"
+    assert [len(v) for v in result["curves"].values()] == [4, 4]
+    # torch 0 / 1.wrapped_modules.{i} / 1.skip_layers.{i} are Flax layers_0 / layers_1/layers_{i} / layers_1/skip_layers_{i}.
+    renamed = {
+        re.sub(r"^1\.(wrapped_modules|skip_layers)\.", lambda m: "layers_1/" + ("skip_" if m[1] == "skip_layers" else "") + "layers_",
+               re.sub(r"^(\d)$", r"layers_\1", name)): norm
+        for name, norm in result["norms"].items()
+    }
+    assert sorted(renamed) == sorted(result["jax_norms"])
+    np.testing.assert_allclose([result["jax_norms"][n] for n in renamed], list(renamed.values()), rtol=1e-4, atol=1e-7)
+    assert renamed["layers_1/skip_layers_0"] == 0.0  # a window of one state has nothing to learn
