@@ -35,6 +35,7 @@ from tests.stream_helpers import (
     torch_hyper_connection,
     torch_stack,
 )
+from tests.backends import BACKENDS
 from tests.strategies import cotangents, temperatures
 
 # --- expand and reduce ----------------------------------------------------------------
@@ -157,6 +158,29 @@ def test_sinkhorn_gradient_in_float32(backend, m, iterations, seed):
     q, (gq,) = backend.vjp(_unrolled_sinkhorn(backend, iterations, 1.0), [m], g)
     np.testing.assert_allclose(p, q, rtol=0, atol=2e-6)
     np.testing.assert_allclose(gp, gq, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "n, iterations",
+    [(4, 20), (8, 20), (3, 50), (16, 20), (2, 200)],  # probability-space sweeps for the first two, log space for the rest
+)
+@pytest.mark.parametrize("scale", [1.0, 30.0, 300.0])
+def test_sinkhorn_equals_the_log_space_loop_on_both_paths(n, iterations, scale):
+    # torch sweeps probabilities after the first sweep when it is safe
+    # (docs/streams.md); both paths must equal the log-space loop, also for
+    # logits far apart (entries that exp() rounds to zero).
+    m = np.random.default_rng(n + iterations).normal(0, scale, (16, n, n))
+    g = cotangents(m.shape, 7).astype(np.float64)
+    x = torch.tensor(m, requires_grad=True)
+    p = mhc_torch.project_doubly_stochastic(x, iterations)
+    (gp,) = torch.autograd.grad(p, x, torch.as_tensor(g))
+    y = torch.tensor(m, requires_grad=True)
+    q = _unrolled_sinkhorn(BACKENDS["torch"], iterations, 1.0)(y)
+    (gq,) = torch.autograd.grad(q, y, torch.as_tensor(g))
+    np.testing.assert_allclose(p.detach(), q.detach(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(gp, gq, rtol=0, atol=1e-10 * max(1.0, gq.abs().max().item()))
+    p32 = mhc_torch.project_doubly_stochastic(torch.tensor(m, dtype=torch.float32), iterations)
+    np.testing.assert_allclose(p32, q.detach(), rtol=0, atol=2e-5)
 
 
 def _saved_bytes(backend, fn, x: np.ndarray) -> int:
