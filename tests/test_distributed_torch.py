@@ -1,9 +1,17 @@
-"""Data-parallel training of mhc_torch with DistributedDataParallel (gloo, 2 processes).
+"""Data-parallel training of mhc_torch with torch.distributed (gloo, 2 processes).
 
-Each rank trains the same ``MHCSequential`` on its half of every batch (loss:
-the mean over its half); DDP averages the gradients. After a few SGD steps
+Each rank trains the same model on its half of every batch (loss: the mean
+over its half); the wrapper averages the gradients. After a few SGD steps
 both ranks must hold identical parameters, equal to single-process training on
-the full batch (mean loss over the full batch).
+the full batch (mean loss over the full batch). Checked for
+
+* ``DistributedDataParallel`` around the history-window ``MHCSequential`` and
+  the residual-stream ``StreamSequential`` (docs/streams.md), and
+* FSDP2 ``fully_shard`` of a ``StreamSequential`` (each hyper-connection and
+  the whole stack), every parameter sharded along dim 0 over the two ranks
+  (the gating factors ``a_*`` of shape ``(1,)`` leave one rank an empty shard).
+
+One pair of processes runs every case (starting them costs more than training).
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mhc_torch import MHCSequential
+from mhc_torch import MHCSequential, StreamSequential
 
 WORLD, STEPS, BATCH, WIDTH, LEARNING_RATE = 2, 3, 8, 8, 0.2
+NUM_STREAMS = 3
 TIMEOUT_S = 180
 
 pytestmark = pytest.mark.skipif(
@@ -29,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _model() -> MHCSequential:
+def _history_model() -> MHCSequential:
     torch.manual_seed(0)
     model = MHCSequential(
         [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(3)],
@@ -42,6 +51,37 @@ def _model() -> MHCSequential:
             for p in skip.parameters():
                 p.add_(0.2 * torch.randn_like(p))
     return model
+
+
+def _streams_model() -> StreamSequential:
+    torch.manual_seed(0)
+    model = StreamSequential(
+        [nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(3)],
+        num_streams=NUM_STREAMS,
+        dim=WIDTH,
+    )
+    with torch.no_grad():  # away from the symmetric init: the streams differ, every coefficient matters
+        for name, p in model.named_parameters():
+            if ".branch." not in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+MODELS = {"history": _history_model, "streams": _streams_model}
+#: (model, wrapper) pairs the processes train.
+CASES = [("history", "ddp"), ("streams", "ddp"), ("streams", "fully_shard")]
+#: The parameters that get no gradient (see the test).
+UNTRAINED = {"history": ["skip_layers.0.mixing_logits"], "streams": ["layers.0.a_res", "layers.0.b_res"]}
+
+
+def _fsdp2():
+    """``(fully_shard, init_device_mesh)``, or None when this torch has no FSDP2."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return None
+    return fully_shard, init_device_mesh
 
 
 def _batches() -> list[torch.Tensor]:
@@ -57,6 +97,26 @@ def _train(model: nn.Module, batches: list[torch.Tensor]) -> None:
         optimizer.step()
 
 
+def _distributed_state(name: str, wrapper: str, rank: int) -> dict[str, torch.Tensor]:
+    """Train ``MODELS[name]`` under ``wrapper`` on this rank's half of each batch;
+    its full (unsharded) state afterwards."""
+    model = MODELS[name]()
+    batches = [x.chunk(WORLD)[rank] for x in _batches()]
+    if wrapper == "ddp":
+        _train(nn.parallel.DistributedDataParallel(model), batches)
+        return model.state_dict()
+    fully_shard, init_device_mesh = _fsdp2()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    local_rows = sum(p.to_local().shape[0] for p in model.parameters())
+    assert local_rows < sum(p.shape[0] for p in model.parameters()), "fully_shard left every parameter whole"
+    _train(model, batches)
+    # full_tensor() gathers the shards (a collective: both ranks call it).
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -67,10 +127,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        _train(ddp, [x.chunk(WORLD)[rank] for x in _batches()])
-        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        for name, wrapper in CASES:
+            if wrapper == "fully_shard" and _fsdp2() is None:
+                continue
+            state = _distributed_state(name, wrapper, rank)
+            torch.save(state, os.path.join(out_dir, f"{name}-{wrapper}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -81,32 +142,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_ranks_agree_with_single_process_training(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The directory where the two ranks saved their state after each case."""
+    out_dir = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=5):
             if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} DDP processes did not finish in {TIMEOUT_S} s")
+                pytest.fail(f"the {WORLD} processes did not finish in {TIMEOUT_S} s")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return out_dir
 
-    reference = _model()
+
+def test_every_stream_parameter_is_at_least_1d_so_fsdp2_can_shard_it():
+    shapes = {n: tuple(p.shape) for n, p in _streams_model().named_parameters()}
+    assert {n: s for n, s in shapes.items() if len(s) < 1} == {}
+    assert {shapes[f"layers.0.{a}"] for a in ("a_pre", "a_post", "a_res")} == {(1,)}
+
+
+@pytest.mark.parametrize("name, wrapper", CASES)
+def test_ranks_agree_with_single_process_training(trained, name, wrapper):
+    if wrapper == "fully_shard" and _fsdp2() is None:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    ranks = [torch.load(trained / f"{name}-{wrapper}-rank{r}.pt") for r in range(WORLD)]
+
+    reference = MODELS[name]()
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     _train(reference, _batches())
     expected = reference.state_dict()
 
     assert ranks[0].keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(ranks[0][name], ranks[1][name]), f"the ranks disagree on {name}"
-        torch.testing.assert_close(ranks[0][name], expected[name], rtol=1e-6, atol=1e-6, msg=f"parameter {name}")
+    for key in expected:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"the ranks disagree on {key}"
+        torch.testing.assert_close(ranks[0][key], expected[key], rtol=1e-6, atol=1e-6, msg=f"parameter {key}")
     # Training moved the parameters, so the comparison above is not between
-    # untouched models. (Layer 0 mixes a window of one state, x_0, with weight
-    # 1 whatever its logits: they alone get no gradient.)
+    # untouched models. Only these get no gradient: history, layer 0 mixes a
+    # window of one state, x_0, with weight 1 whatever its logits; streams,
+    # layer 0 sees n equal streams, which a matrix with rows summing to 1
+    # (Sinkhorn ends on the rows) maps to themselves whatever h_res is.
     unchanged = [k for k in expected if torch.equal(expected[k], initial[k])]
-    assert unchanged == ["skip_layers.0.mixing_logits"]
+    assert sorted(unchanged) == UNTRAINED[name]
