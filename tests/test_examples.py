@@ -99,3 +99,15 @@ def test_dashboard_example_draws_the_same_dashboard_in_both_packages(tmp_path):
     assert sorted(renamed) == sorted(result["jax_norms"])
     np.testing.assert_allclose([result["jax_norms"][n] for n in renamed], list(renamed.values()), rtol=1e-4, atol=1e-7)
     assert renamed["layers_1/skip_layers_0"] == 0.0  # a window of one state has nothing to learn
+
+
+def test_cnn_example_trains_mhc_blocks_and_runs_them_in_jax():
+    result = _load("cnn_mhc.py")["main"](steps=25, batch=32)
+    assert result["final_loss"] < result["initial_loss"]
+    if result["source"] == "scikit-learn digits":
+        assert result["accuracy"] > 0.2  # ten classes: chance is 0.1
+    assert result["difference"] < 1e-4  # the converted Flax twin computes the same logits
+    weights = result["weights"]
+    assert [len(w) for w in weights.values()] == [1, 2, 3, 3]  # the shared window fills up to H = 3
+    for w in weights.values():
+        np.testing.assert_allclose(w.sum(), 1.0, atol=1e-5)
