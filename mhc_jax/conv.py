@@ -228,17 +228,6 @@ class _WindowedLayer(nn.Module):
                 f"or None (the window is then the input alone); got {type(history).__name__}"
             )
 
-    def _batch_norm_mode(self, use_running_average: bool | None) -> bool:
-        value = self.use_running_average if use_running_average is None else use_running_average
-        if value is None:
-            raise ValueError(
-                f"{type(self).__name__} needs use_running_average (a field or a call argument): False "
-                "to train (normalise by the batch, update batch_stats; apply with "
-                "mutable=['batch_stats']), True to evaluate with the running statistics"
-            )
-        check_bools(use_running_average=value)
-        return bool(value)
-
     def _mix(self, x: jax.Array, y: jax.Array, history: Sequence[jax.Array] | None, relu: bool):
         """``y + sum_k alpha_k P(D(h_k))`` over the window (then ReLU if asked);
         with a ``history`` list, also the list with the output appended."""
@@ -324,7 +313,61 @@ class MHCConv2d(_WindowedLayer):
         return self._mix(x, self.conv(x), history, relu=False)
 
 
-class MHCBasicBlock(_WindowedLayer):
+class _ResidualBlock(_WindowedLayer):
+    """A ResNet block: the branch of a subclass (:meth:`_build` in setup,
+    :meth:`_branch`), then ``relu(y + sum_k alpha_k P(D(h_k)))``. ``out_channels``
+    is the field given; the output has ``out_channels * expansion`` channels."""
+
+    in_channels: int
+    out_channels: int
+    stride: int | tuple[int, int] = 1
+    max_history: int = 4
+    mode: str = "mhc"
+    constraint: str = "simplex"
+    epsilon: float = 0.1
+    temperature: float = 1.0
+    detach_history: bool = False
+    mixing_init: str = "identity"
+    use_running_average: bool | None = None
+
+    expansion = 1
+
+    def __post_init__(self):
+        check_conv_options(self.in_channels, self.out_channels, 3, self.stride, 1, 1, 1)
+        self._check_skip_fields()
+        super().__post_init__()
+
+    def setup(self):
+        self._build(self.out_channels)
+        self.skip = self._make_skip()
+
+    def _build(self, width: int) -> None:
+        raise NotImplementedError
+
+    def _branch(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        raise NotImplementedError
+
+    def _batch_norm_mode(self, use_running_average: bool | None) -> bool:
+        value = self.use_running_average if use_running_average is None else use_running_average
+        if value is None:
+            raise ValueError(
+                f"{type(self).__name__} needs use_running_average (a field or a call argument): False "
+                "to train (normalise by the batch, update batch_stats; apply with "
+                "mutable=['batch_stats']), True to evaluate with the running statistics"
+            )
+        check_bools(use_running_average=value)
+        return bool(value)
+
+    def __call__(
+        self, x: jax.Array, history: Sequence[jax.Array] | None = None, *, use_running_average: bool | None = None
+    ):
+        """``relu(branch(x) + ...)`` over the window (``[x]``, or ``history``'s states)."""
+        self._check_call(x, history)
+        y = self._branch(x, self._batch_norm_mode(use_running_average))
+        return self._mix(x, y, history, relu=True)
+
+
+class MHCBasicBlock(_ResidualBlock):
     r"""ResNet's basic block with an mHC skip across blocks.
 
     .. math::
@@ -349,44 +392,20 @@ class MHCBasicBlock(_WindowedLayer):
       use_running_average: default for the call argument of the same name.
     """
 
-    in_channels: int
-    out_channels: int
-    stride: int | tuple[int, int] = 1
-    max_history: int = 4
-    mode: str = "mhc"
-    constraint: str = "simplex"
-    epsilon: float = 0.1
-    temperature: float = 1.0
-    detach_history: bool = False
-    mixing_init: str = "identity"
-    use_running_average: bool | None = None
-
     expansion = 1
 
-    def __post_init__(self):
-        check_conv_options(self.in_channels, self.out_channels, 3, self.stride, 1, 1, 1)
-        self._check_skip_fields()
-        super().__post_init__()
-
-    def setup(self):
-        width = self.out_channels
+    def _build(self, width: int) -> None:
         self.conv1 = conv(width, 3, stride=self.stride, padding=1, in_channels=self.in_channels)
         self.bn1 = nn.BatchNorm(**BATCH_NORM)
         self.conv2 = conv(width, 3, padding=1, in_channels=width)
         self.bn2 = nn.BatchNorm(**BATCH_NORM)
-        self.skip = self._make_skip()
 
-    def __call__(
-        self, x: jax.Array, history: Sequence[jax.Array] | None = None, *, use_running_average: bool | None = None
-    ):
-        self._check_call(x, history)
-        ura = self._batch_norm_mode(use_running_average)
-        y = nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        y = self.bn2(self.conv2(y), use_running_average=ura)
-        return self._mix(x, y, history, relu=True)
+    def _branch(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        y = nn.relu(self.bn1(self.conv1(x), use_running_average=use_running_average))
+        return self.bn2(self.conv2(y), use_running_average=use_running_average)
 
 
-class MHCBottleneck(_WindowedLayer):
+class MHCBottleneck(_ResidualBlock):
     r"""ResNet's bottleneck block (ResNet-50 and deeper) with an mHC skip across blocks.
 
     .. math::
@@ -407,41 +426,17 @@ class MHCBottleneck(_WindowedLayer):
         detach_history, use_running_average: as for :class:`MHCBasicBlock`.
     """
 
-    in_channels: int
-    out_channels: int
-    stride: int | tuple[int, int] = 1
-    max_history: int = 4
-    mode: str = "mhc"
-    constraint: str = "simplex"
-    epsilon: float = 0.1
-    temperature: float = 1.0
-    detach_history: bool = False
-    mixing_init: str = "identity"
-    use_running_average: bool | None = None
-
     expansion = 4
 
-    def __post_init__(self):
-        check_conv_options(self.in_channels, self.out_channels, 3, self.stride, 1, 1, 1)
-        self._check_skip_fields()
-        super().__post_init__()
-
-    def setup(self):
-        width = self.out_channels
+    def _build(self, width: int) -> None:
         self.conv1 = conv(width, 1, in_channels=self.in_channels)
         self.bn1 = nn.BatchNorm(**BATCH_NORM)
         self.conv2 = conv(width, 3, stride=self.stride, padding=1, in_channels=width)
         self.bn2 = nn.BatchNorm(**BATCH_NORM)
         self.conv3 = conv(width * self.expansion, 1, in_channels=width)
         self.bn3 = nn.BatchNorm(**BATCH_NORM)
-        self.skip = self._make_skip()
 
-    def __call__(
-        self, x: jax.Array, history: Sequence[jax.Array] | None = None, *, use_running_average: bool | None = None
-    ):
-        self._check_call(x, history)
-        ura = self._batch_norm_mode(use_running_average)
-        y = nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        y = nn.relu(self.bn2(self.conv2(y), use_running_average=ura))
-        y = self.bn3(self.conv3(y), use_running_average=ura)
-        return self._mix(x, y, history, relu=True)
+    def _branch(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        y = nn.relu(self.bn1(self.conv1(x), use_running_average=use_running_average))
+        y = nn.relu(self.bn2(self.conv2(y), use_running_average=use_running_average))
+        return self.bn3(self.conv3(y), use_running_average=use_running_average)

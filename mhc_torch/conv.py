@@ -266,8 +266,57 @@ class MHCConv2d(_WindowedLayer):
         return self._mix(x, self.conv(x), history, relu=False)
 
 
+class _ResidualBlock(_WindowedLayer):
+    """A ResNet block: the branch of a subclass (:meth:`_build`, :meth:`_branch`),
+    then ``relu(y + sum_k alpha_k P(D(h_k)))``. ``out_channels`` is the
+    argument given; the output has ``out_channels * expansion`` channels."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int | tuple[int, int] = 1,
+        max_history: int = 4,
+        mode: str = "mhc",
+        constraint: str = "simplex",
+        epsilon: float = 0.1,
+        temperature: float = 1.0,
+        detach_history: bool = False,
+        init: str = "identity",
+    ) -> None:
+        super().__init__()
+        conv = check_conv_options(in_channels, out_channels, 3, stride, 1, 1, 1)
+        check_bools(detach_history=detach_history)
+        self.in_channels, self.out_channels = conv["in_channels"], conv["out_channels"]
+        self.detach_history = bool(detach_history)
+        self._build(self.out_channels, conv["stride"])
+        self.skip = self._make_skip(
+            self.in_channels,
+            self.out_channels * self.expansion,
+            max_history=max_history,
+            mode=mode,
+            constraint=constraint,
+            epsilon=epsilon,
+            temperature=temperature,
+            init=init,
+        )
+
+    def _build(self, width: int, stride: tuple[int, int]) -> None:
+        raise NotImplementedError
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, history: HistoryBuffer | None = None) -> torch.Tensor:
+        """``relu(branch(x) + ...)`` over the window (``[x]``, or ``history``'s states)."""
+        self._check_call(x, history)
+        return self._mix(x, self._branch(x), history, relu=True)
+
+
 @mhc_compatible
-class MHCBasicBlock(_WindowedLayer):
+class MHCBasicBlock(_ResidualBlock):
     r"""ResNet's basic block with an mHC skip across blocks.
 
     .. math::
@@ -294,48 +343,18 @@ class MHCBasicBlock(_WindowedLayer):
 
     expansion = 1
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        stride: int = 1,
-        max_history: int = 4,
-        mode: str = "mhc",
-        constraint: str = "simplex",
-        epsilon: float = 0.1,
-        temperature: float = 1.0,
-        detach_history: bool = False,
-        init: str = "identity",
-    ) -> None:
-        super().__init__()
-        conv = check_conv_options(in_channels, out_channels, 3, stride, 1, 1, 1)
-        check_bools(detach_history=detach_history)
-        self.in_channels, self.out_channels = conv["in_channels"], conv["out_channels"]
-        self.detach_history = bool(detach_history)
-        width = self.out_channels
-        self.conv1 = nn.Conv2d(self.in_channels, width, 3, stride=conv["stride"], padding=1, bias=False)
+    def _build(self, width: int, stride: tuple[int, int]) -> None:
+        self.conv1 = nn.Conv2d(self.in_channels, width, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.skip = self._make_skip(
-            self.in_channels,
-            self.out_channels,
-            max_history=max_history,
-            mode=mode,
-            constraint=constraint,
-            epsilon=epsilon,
-            temperature=temperature,
-            init=init,
-        )
 
-    def forward(self, x: torch.Tensor, history: HistoryBuffer | None = None) -> torch.Tensor:
-        self._check_call(x, history)
-        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return self._mix(x, y, history, relu=True)
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
 
 @mhc_compatible
-class MHCBottleneck(_WindowedLayer):
+class MHCBottleneck(_ResidualBlock):
     r"""ResNet's bottleneck block (ResNet-50 and deeper) with an mHC skip across blocks.
 
     .. math::
@@ -359,45 +378,14 @@ class MHCBottleneck(_WindowedLayer):
 
     expansion = 4
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        stride: int = 1,
-        max_history: int = 4,
-        mode: str = "mhc",
-        constraint: str = "simplex",
-        epsilon: float = 0.1,
-        temperature: float = 1.0,
-        detach_history: bool = False,
-        init: str = "identity",
-    ) -> None:
-        super().__init__()
-        conv = check_conv_options(in_channels, out_channels, 3, stride, 1, 1, 1)
-        check_bools(detach_history=detach_history)
-        width = conv["out_channels"]
-        self.in_channels, self.out_channels = conv["in_channels"], width * self.expansion
-        self.detach_history = bool(detach_history)
+    def _build(self, width: int, stride: tuple[int, int]) -> None:
         self.conv1 = nn.Conv2d(self.in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=conv["stride"], padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, self.out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(self.out_channels)
-        self.skip = self._make_skip(
-            self.in_channels,
-            self.out_channels,
-            max_history=max_history,
-            mode=mode,
-            constraint=constraint,
-            epsilon=epsilon,
-            temperature=temperature,
-            init=init,
-        )
+        self.conv3 = nn.Conv2d(width, width * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * self.expansion)
 
-    def forward(self, x: torch.Tensor, history: HistoryBuffer | None = None) -> torch.Tensor:
-        self._check_call(x, history)
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(y)))))
-        return self._mix(x, y, history, relu=True)
-
+        return self.bn3(self.conv3(F.relu(self.bn2(self.conv2(y)))))

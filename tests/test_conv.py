@@ -178,7 +178,7 @@ def test_torch_skip_adds_the_mixed_window(kind, stride, in_channels, out_channel
         else:
             y = F.relu(layer.bn2(layer.conv2(F.relu(layer.bn1(layer.conv1(x))))))
             y = layer.bn3(layer.conv3(y))
-    assert out.shape == (2, layer.out_channels, _ceil_div(4, stride), _ceil_div(4, stride))
+    assert out.shape == (2, out_channels * (4 if kind == "bottleneck" else 1), _ceil_div(4, stride), _ceil_div(4, stride))
     np.testing.assert_allclose(out.numpy(), _expected_torch(layer, y, window, kind != "conv"), rtol=1e-5, atol=1e-5)
     if shared:  # the output joined the window
         assert len(history) == min(len(window) + 1, 8) and history.get()[-1] is out
@@ -197,7 +197,7 @@ def test_torch_blocks_alone_are_resnet_blocks_with_a_1x1_strided_shortcut():
         torch.testing.assert_close(down(x), F.relu(y + shortcut), rtol=1e-5, atol=1e-5)
     assert down(x).shape == (2, 8, 4, 4)
     bottleneck = mhc_torch.conv.MHCBottleneck(4, 2, stride=2)
-    assert bottleneck(x).shape == (2, 8, 4, 4) and bottleneck.out_channels == 8
+    assert bottleneck(x).shape == (2, 8, 4, 4) and bottleneck.expansion == 4
 
 
 def test_torch_width_changing_layers_own_their_shortcut_from_construction():
