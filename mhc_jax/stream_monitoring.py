@@ -344,8 +344,22 @@ def _model_warnings(model: nn.Module, variables, inputs) -> list[tuple[str, str,
             f"inputs={type(inputs).__name__}"
         )
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    arrays = [a for a in args if isinstance(a, (np.ndarray, jax.Array))]
+    modes: dict[str, str] = {}
+
+    def run(variables, arrays):
+        given = iter(arrays)  # other arguments (flags, ...) stay Python values
+        call = [next(given) if isinstance(a, (np.ndarray, jax.Array)) else a for a in args]
+        stacks = _capture(model, variables, call, {})
+        modes.update((name, mode) for name, (mode, _) in stacks.items())  # in call order, while tracing
+        return {name: h_res for name, (_, h_res) in stacks.items()}
+
+    # Compiled: op by op, every small operation of a real model is compiled
+    # on its own (a small GPT's forward pass then takes tens of seconds).
+    h_res_by_stack = jax.jit(run)(variables, arrays)
     found = []
-    for name, (mode, h_res) in _capture(model, variables, args, {}).items():
+    for name, mode in modes.items():
+        h_res = h_res_by_stack[name]
         limit = SINKHORN_RESIDUAL_LIMIT if mode == "mhc" else None
         for warning in diagnose_streams(h_res, sinkhorn_limit=limit):
             message = f"residual streams {name or '(the model)'} (mode={mode!r}): {warning.message}."

@@ -111,3 +111,16 @@ def test_cnn_example_trains_mhc_blocks_and_runs_them_in_jax():
     assert [len(w) for w in weights.values()] == [1, 2, 3, 3]  # the shared window fills up to H = 3
     for w in weights.values():
         np.testing.assert_allclose(w.sum(), 1.0, atol=1e-5)
+
+
+def test_gpt_on_residual_streams_trains_in_flax_and_runs_the_same_in_torch():
+    # Both examples in their smoke mode; the torch one takes the trained Flax model.
+    flax_result = _load("gpt_streams_flax.py")["main"](smoke=True)
+    history = flax_result["history"]
+    assert flax_result["final_loss"] < history[0]["loss"] - 0.5  # the loss goes down
+    # Doubly stochastic mixing: composite gain 1, and the diagnosis is clean.
+    assert abs(history[-1]["streams/blocks/composite_forward_gain"] - 1) < 1e-3 and flax_result["warnings"] == []
+    result = _load("gpt_streams_torch.py")["main"](smoke=True, flax_result=flax_result)
+    # The tolerance of docs/parity.md for stacks of framework kernels (LayerNorm, GELU, softmax).
+    assert result["difference"] / max(1.0, result["logit_scale"]) < 1e-4
+    assert np.isfinite(result["losses"]).all() and result["val_loss"] < np.log(len(flax_result["vocab"]))
