@@ -19,7 +19,9 @@ steps (``examples/flax_monitoring.py``).
   when history is never cleared between batches (also the state of a freshly
   initialised model);
 * **non-finite** weights: the logits diverged (NaN or inf);
-* **empty**: all-zero weights, read for an empty window.
+* **empty**: all-zero weights, read for an empty window;
+* **dead** slots, weights exactly 0 in ``mode="mhc"``: they get no gradient
+  and never come back (``leak > 0`` keeps every slot learning).
 
 The twin is :mod:`mhc_torch.monitoring`; both give the same warnings for the
 same weights.
@@ -86,14 +88,15 @@ def extract_mixing_weights(
     temperature: float = 1.0,
     epsilon: float = 0.1,
     num_states: int | None = None,
+    leak: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Every skip's mixing weights from Flax parameters, keyed by parameter path.
 
     Args:
       params: the parameters (with or without the outer ``{"params": ...}``).
       model: optional ``MHCSkip`` or ``MHCSequential`` whose options (mode,
-        constraint, temperature, epsilon) to use instead of the keywords.
-      mode, constraint, temperature, epsilon: the skips' options.
+        constraint, temperature, epsilon, leak) to use instead of the keywords.
+      mode, constraint, temperature, epsilon, leak: the skips' options.
       num_states: the window size ``K`` to report for every skip; by default
         ``min(i + 1, H)`` for layer ``i`` of an ``MHCSequential`` (what it
         mixes) and ``H`` for other skips. A scanned stack's rows are named
@@ -106,6 +109,7 @@ def extract_mixing_weights(
     if model is not None:
         mode, constraint = model.mode, model.constraint
         temperature, epsilon = model.temperature, model.epsilon
+        leak = model.leak
     tree = params["params"] if set(params) == {"params"} else params
     out = {}
     for name, logits, position in _skip_logits(tree):
@@ -115,7 +119,8 @@ def extract_mixing_weights(
         else:
             k = h if position is None else min(position + 1, h)
         w = window_weights(
-            jnp.asarray(logits, jnp.float32), k, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon
+            jnp.asarray(logits, jnp.float32), k,
+            mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon, leak=leak,
         )
         out[name] = _nan_unless_finite(np.asarray(w)[h - k :], np.asarray(logits, np.float32))
     return out
@@ -218,6 +223,15 @@ def diagnose(
             f"latest-state weight >= {saturation} in {_names(pinned)}: the network ignores its "
             "history and behaves like a plain sequential stack (expected right after the default "
             "identity init; a warning if it persists). Raise the temperature or lower epsilon."
+        )))
+    dead = [n for n, w in judged.items() if (w == 0).any() and (w != 0).any()]
+    if dead:
+        warnings.append(MixingWarning("dead", tuple(dead), (
+            f"dead history slots (weights exactly 0) in {_names(dead)}: the simplex projection of "
+            "mode='mhc' gives a slot at 0 no gradient, so it never comes back. If pruning that "
+            "history is what you want, nothing to change. To keep every slot learning, pass "
+            "leak=0.05 (a share of softmax weights, never exactly 0) or use mode='hc'; a higher "
+            "temperature also leaves fewer slots at 0."
         )))
     by_size: dict[int, list[str]] = {}
     for n, w in judged.items():

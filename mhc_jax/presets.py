@@ -93,10 +93,12 @@ class MHCConfig:
     clear_history_each_forward: bool = True
     auto_project: bool = False
     history_scope: str = "global"
+    leak: float = 0.0
 
     def __post_init__(self):
         check_skip_options(
-            self.mode, self.max_history, self.constraint, self.epsilon, self.temperature, self.init, 0.0
+            self.mode, self.max_history, self.constraint, self.epsilon, self.temperature, self.init, 0.0,
+            leak=self.leak,
         )
         check_bools(
             detach_history=self.detach_history,
@@ -116,6 +118,7 @@ class MHCConfig:
             temperature=self.temperature,
             mixing_init=self.init,
             auto_project=self.auto_project,
+            leak=self.leak,
         )
 
     def sequential_options(self) -> dict:

@@ -127,7 +127,7 @@ class MHCSequential(nn.Module):
     Attributes:
       layers: the layers ``f_1 .. f_L`` (Flax modules or functions; at least one).
       max_history, mode, constraint, epsilon, temperature, mixing_init,
-        use_gating, prune_threshold, stochastic, auto_project: as for
+        use_gating, prune_threshold, stochastic, auto_project, leak: as for
         :class:`MHCSkip`.
       detach_history: store states with ``stop_gradient``: gradient reaches
         earlier layers only through the main path.
@@ -154,6 +154,7 @@ class MHCSequential(nn.Module):
     scan: bool = False
     remat: bool = False
     deterministic: bool | None = None
+    leak: float = 0.0
 
     def __post_init__(self):
         if len(self.layers) < 1:
@@ -212,6 +213,7 @@ class MHCSequential(nn.Module):
             use_gating=self.use_gating,
             prune_threshold=self.prune_threshold,
             stochastic=self.stochastic,
+            leak=self.leak,
             **kwargs,
         )
 

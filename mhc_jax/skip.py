@@ -9,7 +9,9 @@ window of earlier states (``h_K`` the latest), ``mu`` the ``H`` mixing logits,
     \mathrm{out} = x + g \sum_k \alpha_k h_k
 
 with ``w`` the projection chosen by ``mode``/``constraint`` and ``p`` the prune
-threshold. The math lives in plain functions (:func:`window_weights`,
+threshold. With ``leak = l > 0`` (``mode="mhc"`` only) ``w`` is
+``(1 - l) w_exact + l w_softmax``: every weight stays positive and every logit
+keeps a gradient. The math lives in plain functions (:func:`window_weights`,
 :func:`perturb_weights`, :func:`identity_init_logits`); :class:`MHCSkip` owns the
 parameters and calls them. The twin is :mod:`mhc_torch.skip`.
 """
@@ -64,7 +66,7 @@ GATE_INIT_LOGIT = 5.0
 
 
 def check_skip_options(
-    mode, max_history, constraint, epsilon, temperature, init, prune_threshold, init_name="init"
+    mode, max_history, constraint, epsilon, temperature, init, prune_threshold, init_name="init", leak=0.0
 ) -> None:
     """Validate the skip's options at construction; ``ValueError`` names the bad one."""
     if mode not in MODES:
@@ -84,6 +86,20 @@ def check_skip_options(
         isinstance(prune_threshold, Real) and 0.0 <= prune_threshold < 1.0
     ):
         raise ValueError(f"prune_threshold must be a number in [0, 1), got {prune_threshold!r}")
+    check_leak(leak, mode)
+
+
+def check_leak(leak, mode: str) -> None:
+    """``leak`` must be a number in ``[0, 1)``, and positive only with ``mode="mhc"``."""
+    if isinstance(leak, bool) or not (isinstance(leak, Real) and 0.0 <= leak < 1.0):
+        raise ValueError(f"leak must be a number in [0, 1), got {leak!r}")
+    if leak > 0 and mode != "mhc":
+        # Elsewhere it would do nothing (hc's softmax is never exactly 0): an
+        # option that silently does nothing is a mistake to report.
+        raise ValueError(
+            f"leak applies to mode='mhc' (the simplex projection's exact zeros), got leak={leak!r} "
+            f"with mode={mode!r}"
+        )
 
 
 def check_bools(**options) -> None:
@@ -111,6 +127,7 @@ def check_module_options(module: nn.Module) -> None:
         module.mixing_init,
         module.prune_threshold,
         init_name="mixing_init",
+        leak=module.leak,
     )
 
 
@@ -122,6 +139,7 @@ def weight_options(module: nn.Module) -> dict:
         temperature=module.temperature,
         epsilon=module.epsilon,
         prune_threshold=module.prune_threshold,
+        leak=module.leak,
     )
 
 
@@ -195,6 +213,7 @@ def window_weights(
     constraint: str = "simplex",
     temperature: float = 1.0,
     epsilon: float = 0.1,
+    leak: float = 0.0,
 ) -> jax.Array:
     r"""Mixing weights for a window of ``K = num_states`` states.
 
@@ -207,6 +226,14 @@ def window_weights(
     * ``constraint="identity"`` wraps that base in
       :func:`project_identity_preserving` (latest weight ``>= eps``);
     * ``mode="residual"``: 1 on the latest state.
+
+    ``leak = l > 0`` (``mode="mhc"``) blends in the softmax of the same logits,
+
+    .. math:: w = (1 - l)\, w_{\mathrm{simplex}} + l\, w_{\mathrm{softmax}},
+
+    a point of the simplex (the same constraint applied to both, so the
+    latest weight stays ``>= eps``) whose weights are all positive, so no
+    slot's logit loses its gradient; ``l = 0`` is the exact projection.
 
     Args:
       logits: ``mu``, shape ``(..., H)``.
@@ -223,11 +250,15 @@ def window_weights(
     if mode == "residual":
         return (valid & (slots == h - 1)).astype(logits.dtype)
     z = _fill_invalid(logits / temperature, valid)
-    base = "softmax" if mode == "hc" else "simplex"
-    if constraint == "identity":
-        alpha = project_identity_preserving(z, epsilon, 1.0, base)
-    else:
-        alpha = project_softmax(z) if base == "softmax" else project_simplex(z)
+
+    def project(base: str) -> jax.Array:
+        if constraint == "identity":
+            return project_identity_preserving(z, epsilon, 1.0, base)
+        return project_softmax(z) if base == "softmax" else project_simplex(z)
+
+    alpha = project("softmax" if mode == "hc" else "simplex")
+    if leak > 0 and mode == "mhc":
+        alpha = (1 - leak) * alpha + leak * project("softmax")
     return jnp.where(valid, alpha, jnp.zeros_like(alpha))
 
 
@@ -262,6 +293,7 @@ def mixing_weights(
     prune_threshold: float = 0.0,
     gumbel_noise: jax.Array | None = None,
     gate_logit: jax.Array | None = None,
+    leak: float = 0.0,
 ) -> jax.Array:
     r"""Everything between the logits and the mix: ``g * perturb(prune(w(mu)))``.
 
@@ -271,7 +303,7 @@ def mixing_weights(
     can compute every layer's weights in one call.
     """
     alpha = window_weights(
-        logits, num_states, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon
+        logits, num_states, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon, leak=leak
     )
     if mode == "residual":
         return alpha
@@ -330,6 +362,12 @@ class MHCSkip(nn.Module):
       stochastic: in training (``deterministic=False``) perturb the weights
         with Gumbel noise from the ``"gumbel"`` rng stream.
       deterministic: default for the call argument of the same name.
+      leak: ``l`` in ``[0, 1)``, ``mode="mhc"`` only: the share of the weights
+        taken from the softmax of the same logits (:func:`window_weights`).
+        The simplex projection's exact zeros get no gradient, so a slot that
+        reaches 0 never comes back (a "dead slot", which :func:`diagnose`
+        reports); any ``l > 0`` keeps every slot learning, at the price of no
+        exact zeros. 0 (default): the exact projection.
     """
 
     mode: str = "mhc"
@@ -343,6 +381,7 @@ class MHCSkip(nn.Module):
     prune_threshold: float = 0.0
     stochastic: bool = False
     deterministic: bool | None = None
+    leak: float = 0.0
 
     def __post_init__(self):
         check_module_options(self)

@@ -17,7 +17,9 @@ non-finite logits are never hidden).
   when history is never cleared between batches (also the state of a freshly
   initialised model);
 * **non-finite** weights: the logits diverged (NaN or inf);
-* **empty**: all-zero weights, read before the first forward pass.
+* **empty**: all-zero weights, read before the first forward pass;
+* **dead** slots, weights exactly 0 in ``mode="mhc"``: they get no gradient
+  and never come back (``leak > 0`` keeps every slot learning).
 
 The twin is :mod:`mhc_jax.monitoring`; both give the same warnings for the
 same weights.
@@ -104,7 +106,8 @@ def extract_mixing_weights(model: nn.Module, num_states: int | None = None) -> d
         else:
             logits = skip.mixing_logits.detach().float().cpu()
         w = window_weights(
-            logits, k, mode=skip.mode, constraint=skip.constraint, temperature=skip.temperature, epsilon=skip.epsilon
+            logits, k, mode=skip.mode, constraint=skip.constraint, temperature=skip.temperature, epsilon=skip.epsilon,
+            leak=skip.leak,
         )
         out[name] = _nan_unless_finite(w.numpy()[skip.max_history - k :], logits.numpy())
     return out
@@ -205,6 +208,15 @@ def diagnose(
             f"latest-state weight >= {saturation} in {_names(pinned)}: the network ignores its "
             "history and behaves like a plain sequential stack (expected right after the default "
             "identity init; a warning if it persists). Raise the temperature or lower epsilon."
+        )))
+    dead = [n for n, w in judged.items() if (w == 0).any() and (w != 0).any()]
+    if dead:
+        warnings.append(MixingWarning("dead", tuple(dead), (
+            f"dead history slots (weights exactly 0) in {_names(dead)}: the simplex projection of "
+            "mode='mhc' gives a slot at 0 no gradient, so it never comes back. If pruning that "
+            "history is what you want, nothing to change. To keep every slot learning, pass "
+            "leak=0.05 (a share of softmax weights, never exactly 0) or use mode='hc'; a higher "
+            "temperature also leaves fewer slots at 0."
         )))
     by_size: dict[int, list[str]] = {}
     for n, w in judged.items():

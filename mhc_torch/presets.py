@@ -99,10 +99,12 @@ class MHCConfig:
     clear_history_each_forward: bool = True
     auto_project: bool = False
     history_scope: str = "global"
+    leak: float = 0.0
 
     def __post_init__(self):
         check_skip_options(
-            self.mode, self.max_history, self.constraint, self.epsilon, self.temperature, self.init, 0.0
+            self.mode, self.max_history, self.constraint, self.epsilon, self.temperature, self.init, 0.0,
+            leak=self.leak,
         )
         for name in ("detach_history", "clear_history_each_forward", "auto_project"):
             check_bool(name, getattr(self, name))
@@ -119,6 +121,7 @@ class MHCConfig:
             temperature=self.temperature,
             init=self.init,
             auto_project=self.auto_project,
+            leak=self.leak,
         )
 
     def sequential_options(self) -> dict:

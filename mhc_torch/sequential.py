@@ -48,7 +48,7 @@ class MHCSequential(nn.Module):
     Args:
         modules: the layers ``f_1 .. f_L`` (at least one).
         max_history, mode, constraint, epsilon, temperature, init, use_gating,
-            prune_threshold, stochastic, auto_project: as for :class:`MHCSkip`.
+            prune_threshold, stochastic, auto_project, leak: as for :class:`MHCSkip`.
         clear_history_each_forward: start every forward from an empty window
             (default). With False the window carries over from the previous
             call, which is what "temporal bleeding" means: only for models
@@ -77,6 +77,7 @@ class MHCSequential(nn.Module):
         prune_threshold: float = 0.0,
         stochastic: bool = False,
         auto_project: bool = False,
+        leak: float = 0.0,
     ) -> None:
         super().__init__()
         check_bools(
@@ -100,6 +101,7 @@ class MHCSequential(nn.Module):
                 use_gating=use_gating,
                 prune_threshold=prune_threshold,
                 stochastic=stochastic,
+                leak=leak,
             )
             for _ in modules
         )

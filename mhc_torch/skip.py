@@ -9,7 +9,9 @@ window of earlier states (``h_K`` the latest), ``mu`` the ``H`` mixing logits,
     \mathrm{out} = x + g \sum_k \alpha_k h_k
 
 with ``w`` the projection chosen by ``mode``/``constraint`` and ``p`` the prune
-threshold. The math lives in plain functions (:func:`window_weights`,
+threshold. With ``leak = l > 0`` (``mode="mhc"`` only) ``w`` is
+``(1 - l) w_exact + l w_softmax``: every weight stays positive and every logit
+keeps a gradient. The math lives in plain functions (:func:`window_weights`,
 :func:`perturb_weights`, :func:`identity_init_logits`); :class:`MHCSkip` owns the
 parameters and calls them. The twin is :mod:`mhc_jax.skip`.
 """
@@ -68,7 +70,7 @@ _PROJECTION_KEY = re.compile(r"projection_from_(\d+)\.weight$")
 
 
 def check_skip_options(
-    mode, max_history, constraint, epsilon, temperature, init, prune_threshold, init_name="init"
+    mode, max_history, constraint, epsilon, temperature, init, prune_threshold, init_name="init", leak=0.0
 ) -> None:
     """Validate the skip's options at construction; ``ValueError`` names the bad one."""
     if mode not in MODES:
@@ -88,6 +90,20 @@ def check_skip_options(
         isinstance(prune_threshold, Real) and 0.0 <= prune_threshold < 1.0
     ):
         raise ValueError(f"prune_threshold must be a number in [0, 1), got {prune_threshold!r}")
+    check_leak(leak, mode)
+
+
+def check_leak(leak, mode: str) -> None:
+    """``leak`` must be a number in ``[0, 1)``, and positive only with ``mode="mhc"``."""
+    if isinstance(leak, bool) or not (isinstance(leak, Real) and 0.0 <= leak < 1.0):
+        raise ValueError(f"leak must be a number in [0, 1), got {leak!r}")
+    if leak > 0 and mode != "mhc":
+        # Elsewhere it would do nothing (hc's softmax is never exactly 0): an
+        # option that silently does nothing is a mistake to report.
+        raise ValueError(
+            f"leak applies to mode='mhc' (the simplex projection's exact zeros), got leak={leak!r} "
+            f"with mode={mode!r}"
+        )
 
 
 def check_bools(**options) -> None:
@@ -140,6 +156,7 @@ def window_weights(
     constraint: str = "simplex",
     temperature: float = 1.0,
     epsilon: float = 0.1,
+    leak: float = 0.0,
 ) -> torch.Tensor:
     r"""Mixing weights for a window of ``K = num_states`` states.
 
@@ -152,6 +169,14 @@ def window_weights(
     * ``constraint="identity"`` wraps that base in
       :func:`project_identity_preserving` (latest weight ``>= eps``);
     * ``mode="residual"``: 1 on the latest state.
+
+    ``leak = l > 0`` (``mode="mhc"``) blends in the softmax of the same logits,
+
+    .. math:: w = (1 - l)\, w_{\mathrm{simplex}} + l\, w_{\mathrm{softmax}},
+
+    a point of the simplex (the same constraint applied to both, so the
+    latest weight stays ``>= eps``) whose weights are all positive, so no
+    slot's logit loses its gradient; ``l = 0`` is the exact projection.
 
     Batched: ``logits`` of shape ``(L, H)`` with ``num_states`` of shape ``(L,)``
     projects ``L`` skips' logits in one call.
@@ -170,11 +195,15 @@ def window_weights(
     if mode == "residual":
         return ((slots == h - 1) & valid).to(logits.dtype)
     z = _fill_invalid(logits / temperature, valid)
-    base = "softmax" if mode == "hc" else "simplex"
-    if constraint == "identity":
-        alpha = project_identity_preserving(z, epsilon, 1.0, base)
-    else:
-        alpha = project_softmax(z) if base == "softmax" else project_simplex(z)
+
+    def project(base: str) -> torch.Tensor:
+        if constraint == "identity":
+            return project_identity_preserving(z, epsilon, 1.0, base)
+        return project_softmax(z) if base == "softmax" else project_simplex(z)
+
+    alpha = project("softmax" if mode == "hc" else "simplex")
+    if leak > 0 and mode == "mhc":
+        alpha = (1 - leak) * alpha + leak * project("softmax")
     return torch.where(valid, alpha, 0)
 
 
@@ -211,6 +240,7 @@ def mixing_weights(
     prune_threshold: float = 0.0,
     gumbel_noise: torch.Tensor | None = None,
     gate_logit: torch.Tensor | None = None,
+    leak: float = 0.0,
 ) -> torch.Tensor:
     r"""Everything between the logits and the mix: ``g * perturb(prune(w(mu)))``.
 
@@ -220,7 +250,7 @@ def mixing_weights(
     can compute every layer's weights in one call.
     """
     alpha = window_weights(
-        logits, num_states, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon
+        logits, num_states, mode=mode, constraint=constraint, temperature=temperature, epsilon=epsilon, leak=leak
     )
     if mode == "residual":
         return alpha
@@ -354,6 +384,13 @@ class MHCSkip(nn.Module):
         prune_threshold: weights below it are set to 0 (no renormalisation).
         stochastic: in training mode perturb the weights with Gumbel noise;
             ``eval()`` never adds noise.
+        leak: ``l`` in ``[0, 1)``, ``mode="mhc"`` only: the share of the weights
+            taken from the softmax of the same logits (:func:`window_weights`).
+            The simplex projection's exact zeros get no gradient, so a slot
+            that reaches 0 never comes back (a "dead slot", which
+            :func:`diagnose` reports); any ``l > 0`` keeps every slot
+            learning, at the price of no exact zeros. 0 (default): the exact
+            projection.
     """
 
     def __init__(
@@ -368,9 +405,10 @@ class MHCSkip(nn.Module):
         use_gating: bool = False,
         prune_threshold: float = 0.0,
         stochastic: bool = False,
+        leak: float = 0.0,
     ) -> None:
         super().__init__()
-        check_skip_options(mode, max_history, constraint, epsilon, temperature, init, prune_threshold)
+        check_skip_options(mode, max_history, constraint, epsilon, temperature, init, prune_threshold, leak=leak)
         check_bools(auto_project=auto_project, use_gating=use_gating, stochastic=stochastic)
         self.mode = mode
         self.max_history = max_history
@@ -381,6 +419,7 @@ class MHCSkip(nn.Module):
         self.use_gating = bool(use_gating)
         self.prune_threshold = float(prune_threshold)
         self.stochastic = bool(stochastic)
+        self.leak = float(leak)
         #: The window size K of the last forward (0 before the first one); what
         #: monitoring projects the logits for.
         self.last_num_states = 0
@@ -447,6 +486,7 @@ class MHCSkip(nn.Module):
             temperature=self.temperature,
             epsilon=self.epsilon,
             prune_threshold=self.prune_threshold,
+            leak=self.leak,
         )
 
     def forward(
@@ -541,5 +581,5 @@ class MHCSkip(nn.Module):
             f"mode={self.mode!r}, max_history={self.max_history}, constraint={self.constraint!r}, "
             f"epsilon={self.epsilon}, temperature={self.temperature}, use_gating={self.use_gating}, "
             f"prune_threshold={self.prune_threshold}, stochastic={self.stochastic}, "
-            f"auto_project={self.auto_project}"
+            f"auto_project={self.auto_project}" + (f", leak={self.leak}" if self.leak else "")
         )
