@@ -356,7 +356,10 @@ def _finite_part(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # cannot grow past e^-23 (an error far below float32's resolution of 1):
 # at most PLAIN_SWEEP_BUDGET / ln(n) further sweeps. Longer runs (large n or
 # many iterations) stay in log space throughout.
-_PLAIN_SWEEP_BUDGET = 40.0
+# (An int: torch.compile treats a global int as a constant but a global float
+# as a graph input, and under dynamic shapes one read by the Sinkhorn of two
+# layers crashes dynamo, pytorch/pytorch#193194.)
+_PLAIN_SWEEP_BUDGET = 40
 
 
 def _plain_sweeps_allowed(n: int, iterations: int) -> bool:

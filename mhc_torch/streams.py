@@ -142,11 +142,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# torch.compile reads a Python float from a global or a default argument as a
+# graph input; with dynamic shapes, one first read inside a checkpointed layer
+# and then inside another crashes dynamo (pytorch/pytorch#193194), which a
+# checkpointed StreamSequential did. So the floats on a layer's path are
+# constants to the compiler: RMS_EPSILON through this function, the
+# Sinkhorn's temperature as a literal.
+@torch.compiler.assume_constant_result
+def _rms_epsilon() -> float:
+    return RMS_EPSILON
+
+
 def _dynamic_logits(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``v' @ phi`` split into its pre ``(..., n)``, post ``(..., n)`` and res ``(..., n, n)`` parts."""
     n = streams.shape[-2]
     v = streams.reshape(*streams.shape[:-2], -1)
-    v = v * torch.rsqrt(v.square().mean(dim=-1, keepdim=True) + RMS_EPSILON)
+    v = v * torch.rsqrt(v.square().mean(dim=-1, keepdim=True) + _rms_epsilon())
     d = v @ phi
     return d[..., :n], d[..., n : 2 * n], d[..., 2 * n :].reshape(*d.shape[:-1], n, n)
 
@@ -235,7 +246,8 @@ def mhc_coefficients(
     """
     check_count("sinkhorn_iterations", sinkhorn_iterations)
     pre, post, res = _coefficient_logits(streams, b_pre, b_post, b_res, phi, (a_pre, a_post, a_res), lambda d: d)
-    return torch.sigmoid(pre), 2 * torch.sigmoid(post), project_doubly_stochastic(res, sinkhorn_iterations)
+    # temperature 1.0 as a literal (a constant to torch.compile): see _rms_epsilon.
+    return torch.sigmoid(pre), 2 * torch.sigmoid(post), project_doubly_stochastic(res, sinkhorn_iterations, 1.0)
 
 
 def hc_coefficients(
