@@ -5,7 +5,7 @@ fresh unless it is handed a history. The PyTorch twin is ``mhc_torch``; the
 two packages compute the same projections, mixes and gradients.
 """
 
-from .history import History
+from .history import History, HistoryShapeError, HistoryTypeError, ensure_list, get_last_k
 from .projections import (
     project_doubly_stochastic,
     project_identity_preserving,
@@ -24,6 +24,7 @@ from .dashboard import (
 from .matrix_skip import MatrixMHCSkip, matrix_mix, matrix_weights
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .presets import ConfigError, MHCConfig, get_default_config, get_preset, load_config_from_toml, set_default_config
+from .runtime import set_seed
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
 from .stream_monitoring import (
@@ -41,6 +42,8 @@ from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coeff
 
 __all__ = [
     "History",
+    "HistoryShapeError",
+    "HistoryTypeError",
     "ConfigError",
     "HyperConnection",
     "MHCBasicBlock",
@@ -57,10 +60,12 @@ __all__ = [
     "create_training_dashboard",
     "diagnose",
     "diagnose_streams",
+    "ensure_list",
     "expand_streams",
     "extract_h_res",
     "extract_mixing_weights",
     "get_default_config",
+    "get_last_k",
     "get_preset",
     "gradient_norms",
     "h_res_gains",
@@ -84,6 +89,7 @@ __all__ = [
     "project_softmax",
     "reduce_streams",
     "set_default_config",
+    "set_seed",
     "sinkhorn_residual",
     "stream_metrics",
     "stream_monitor",

@@ -21,7 +21,25 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["History", "check_max_history"]
+__all__ = ["History", "HistoryShapeError", "HistoryTypeError", "check_max_history", "ensure_list", "get_last_k"]
+
+
+class HistoryShapeError(ValueError, RuntimeError):
+    """A history state whose shape does not fit where it goes.
+
+    A ``ValueError`` like every bad input here, and a ``RuntimeError`` as well,
+    which is what the ``mhc`` package raised for the same mistake: an
+    ``except`` clause written for either catches it.
+    """
+
+
+class HistoryTypeError(TypeError, RuntimeError):
+    """History of the wrong kind, such as a bare array where a list belongs.
+
+    A ``TypeError``, and a ``RuntimeError`` as well, like its twin
+    :class:`mhc_torch.HistoryTypeError` (the ``mhc`` package failed on the same
+    mistake with a ``RuntimeError``).
+    """
 
 
 def check_max_history(max_history) -> None:
@@ -79,7 +97,7 @@ class History(NamedTuple):
         single ``dynamic_update_slice``, done in place under ``jit``/``scan``.
         """
         if tuple(x.shape) != self.state_shape:
-            raise ValueError(
+            raise HistoryShapeError(
                 f"History holds states of shape {self.state_shape}, got a state of "
                 f"shape {tuple(x.shape)}"
             )
@@ -123,3 +141,24 @@ class History(NamedTuple):
         h = self.max_history
         k = min(count, h)
         return [self.states[(count - k + i) % h] for i in range(k)]
+
+
+def ensure_list(states) -> list[jax.Array]:
+    """States as a list: an array becomes ``[array]``, a list is returned as it
+    is, any other iterable (a tuple) is listed."""
+    if isinstance(states, jax.Array):
+        return [states]
+    if isinstance(states, list):
+        return states
+    return list(states)
+
+
+def get_last_k(history, k: int) -> list[jax.Array]:
+    """The last ``k`` states of ``history`` (a list, oldest first, or a
+    :class:`History`, read on the host), oldest first; all of them when there
+    are fewer. ``k = 0`` gives ``[]``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    states = history.to_list() if isinstance(history, History) else list(history)
+    return states[-k:] if k else []

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .history import History
+from .history import History, HistoryShapeError, HistoryTypeError
 from .skip import (
     GATE_INIT_LOGIT,
     MHCSkip,
@@ -97,7 +97,7 @@ class _Chunk(nn.Module):
         for layer, w in zip(self.layers, weights, strict=True):
             y = layer(x)
             if y.shape != x.shape:
-                raise ValueError(
+                raise HistoryShapeError(
                     f"a scanned stack needs layers that keep the state's shape: a layer maps "
                     f"{tuple(x.shape)} to {tuple(y.shape)} (use scan=False, with auto_project=True)"
                 )
@@ -240,7 +240,7 @@ class MHCSequential(nn.Module):
         """
         carried = history is not None
         if carried and not isinstance(history, History):
-            raise TypeError(f"history must be a History (or None), got {type(history).__name__}")
+            raise HistoryTypeError(f"history must be a History (or None), got {type(history).__name__}")
         if carried and history.max_history != self.max_history:
             raise ValueError(
                 f"History has {history.max_history} slots but this stack has max_history="

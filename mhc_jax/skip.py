@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .history import History, check_max_history
+from .history import History, HistoryShapeError, HistoryTypeError, check_max_history
 from .projections import (
     check_epsilon,
     check_temperature,
@@ -470,7 +470,7 @@ class MHCSkip(nn.Module):
             history = list(history)[-self.max_history :]
             num_states = len(history)
         else:
-            raise TypeError(
+            raise HistoryTypeError(
                 "history must be a History, a list of arrays (oldest first) or None, got "
                 f"{type(history).__name__}; wrap a single state as [state]"
             )
@@ -512,13 +512,13 @@ class MHCSkip(nn.Module):
             if shape != tuple(x.shape):
                 what = "History states have" if stacked else f"history state {i} has"
                 if not self.auto_project:
-                    raise ValueError(
+                    raise HistoryShapeError(
                         f"{what} shape {shape} but x has shape {tuple(x.shape)}; "
                         "MHCSkip mixes states shaped like x (pass auto_project=True to map "
                         "the feature axis with a learned linear map)"
                     )
                 if shape[:-1] != tuple(x.shape[:-1]):
-                    raise ValueError(
+                    raise HistoryShapeError(
                         f"auto_project maps only the feature (last) axis, but {what} "
                         f"shape {shape} and x has shape {tuple(x.shape)}"
                     )

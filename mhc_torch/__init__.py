@@ -18,8 +18,8 @@ from .dashboard import (
     plot_gradient_flow,
     plot_history_contribution,
 )
-from .history import HistoryBuffer
-from .inject import MHCInjected, inject_mhc
+from .history import HistoryBuffer, HistoryShapeError, HistoryTypeError, ensure_list, get_last_k
+from .inject import MHCInjected, inject_mhc, inject_mhc_default
 from .matrix_skip import MatrixMHCSkip, matrix_mix, matrix_weights
 from .monitoring import MixingWarning, diagnose, extract_mixing_weights, mixing_metrics, plot_mixing_heatmap
 from .presets import ConfigError, MHCConfig, get_default_config, get_preset, load_config_from_toml, set_default_config
@@ -29,6 +29,7 @@ from .projections import (
     project_simplex,
     project_softmax,
 )
+from .runtime import ForwardProfiler, autocast_context, compile_model, set_seed
 from .sequential import MHCSequential
 from .skip import MHCSkip, identity_init_logits, mixing_weights, perturb_weights, window_weights
 from .stream_monitoring import (
@@ -45,7 +46,10 @@ from .stream_sequential import StreamSequential
 from .streams import HyperConnection, expand_streams, hc_coefficients, mhc_coefficients, reduce_streams
 
 __all__ = [
+    "ForwardProfiler",
     "HistoryBuffer",
+    "HistoryShapeError",
+    "HistoryTypeError",
     "ConfigError",
     "HyperConnection",
     "MHCBasicBlock",
@@ -60,14 +64,18 @@ __all__ = [
     "MixingWarning",
     "StreamSequential",
     "StreamWarning",
+    "autocast_context",
     "clear_history",
+    "compile_model",
     "create_training_dashboard",
     "diagnose",
     "diagnose_streams",
+    "ensure_list",
     "expand_streams",
     "extract_h_res",
     "extract_mixing_weights",
     "get_default_config",
+    "get_last_k",
     "get_preset",
     "gradient_norms",
     "h_res_gains",
@@ -76,6 +84,7 @@ __all__ = [
     "identity_init_logits",
     "load_config_from_toml",
     "inject_mhc",
+    "inject_mhc_default",
     "is_mhc_compatible",
     "matrix_mix",
     "matrix_weights",
@@ -94,6 +103,7 @@ __all__ = [
     "project_softmax",
     "reduce_streams",
     "set_default_config",
+    "set_seed",
     "sinkhorn_residual",
     "stream_metrics",
     "stream_monitor",

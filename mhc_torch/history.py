@@ -18,7 +18,32 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["HistoryBuffer", "check_bool", "check_max_history"]
+__all__ = [
+    "HistoryBuffer",
+    "HistoryShapeError",
+    "HistoryTypeError",
+    "check_bool",
+    "check_max_history",
+    "ensure_list",
+    "get_last_k",
+]
+
+
+class HistoryShapeError(ValueError, RuntimeError):
+    """A history state whose shape does not fit where it goes.
+
+    A ``ValueError`` like every bad input here, and a ``RuntimeError`` as well,
+    which is what the ``mhc`` package raised for the same mistake: an
+    ``except`` clause written for either catches it.
+    """
+
+
+class HistoryTypeError(TypeError, RuntimeError):
+    """History of the wrong kind, such as a bare tensor where a list belongs.
+
+    A ``TypeError``, and a ``RuntimeError`` as well: the ``mhc`` package failed
+    on the same mistake with one (``bool`` of a tensor).
+    """
 
 
 def check_bool(name: str, value) -> None:
@@ -56,13 +81,13 @@ class HistoryBuffer(nn.Module):
     pass through the copy's old states reaches nothing.
 
     Args:
-        max_history: ``H >= 1``, the number of states kept.
+        max_history: ``H >= 1``, the number of states kept (4, as for the skip, by default).
         detach_history: store states detached from the autograd graph. Saves
             the memory of ``H`` earlier layers' graphs in very deep models, at
             the price of no gradient flowing through the history path.
     """
 
-    def __init__(self, max_history: int, detach_history: bool = False) -> None:
+    def __init__(self, max_history: int = 4, detach_history: bool = False) -> None:
         super().__init__()
         check_max_history(max_history)
         check_bool("detach_history", detach_history)
@@ -106,3 +131,25 @@ class HistoryBuffer(nn.Module):
             f"max_history={self.max_history}, detach_history={self.detach_history}, "
             f"len={len(self)}"
         )
+
+
+def ensure_list(states) -> list[torch.Tensor]:
+    """States as a list: a tensor becomes ``[tensor]``, a list is returned as it
+    is, any other iterable (a tuple, a :class:`HistoryBuffer`'s ``get()``) is listed."""
+    if isinstance(states, torch.Tensor):
+        return [states]
+    if isinstance(states, list):
+        return states
+    return list(states)
+
+
+def get_last_k(history, k: int) -> list[torch.Tensor]:
+    """The last ``k`` states of ``history`` (a list, oldest first, or a
+    :class:`HistoryBuffer`), oldest first; all of them when there are fewer.
+
+    ``k = 0`` gives ``[]`` (``mhc``'s version returned the whole list).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    states = history.get() if isinstance(history, HistoryBuffer) else list(history)
+    return states[-k:] if k else []

@@ -26,7 +26,7 @@ from .compat import _clear_history_method, is_mhc_compatible, mhc_compatible
 from .history import HistoryBuffer
 from .skip import MHCSkip
 
-__all__ = ["inject_mhc", "MHCInjected"]
+__all__ = ["inject_mhc", "inject_mhc_default", "MHCInjected", "DEFAULT_TARGETS"]
 
 SCOPES = ("module", "global")
 
@@ -139,6 +139,24 @@ def inject_mhc(
             for buffer in created:
                 buffer.clear()
     return model
+
+
+#: The layer types :func:`inject_mhc_default` wraps (those of ``mhc.inject_mhc_default``).
+DEFAULT_TARGETS = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+
+
+def inject_mhc_default(
+    model: nn.Module, max_history: int = 4, clear_on_forward: bool = True, **options
+) -> nn.Module:
+    """:func:`inject_mhc` on the common layer types, :data:`DEFAULT_TARGETS`
+    (``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``).
+
+    ``options`` are :func:`inject_mhc`'s (``history_scope``, ``example_input``)
+    and the skips' (``mode``, ``temperature``, ...). The window is shared by all
+    wrapped layers unless ``history_scope="module"``, which was the ``mhc``
+    package's default.
+    """
+    return inject_mhc(model, DEFAULT_TARGETS, max_history=max_history, clear_on_forward=clear_on_forward, **options)
 
 
 class ClearWindows:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .compat import mhc_compatible
-from .history import HistoryBuffer, check_max_history
+from .history import HistoryBuffer, HistoryShapeError, HistoryTypeError, check_max_history
 from .projections import (
     check_epsilon,
     check_temperature,
@@ -327,13 +327,13 @@ def mix(y: torch.Tensor, weights: torch.Tensor, states: Sequence[torch.Tensor]) 
 
 
 def history_list(history: Sequence[torch.Tensor] | HistoryBuffer | None) -> list[torch.Tensor]:
-    """The states a skip was handed, as a new list (oldest first); a bare tensor is a ``TypeError``."""
+    """The states a skip was handed, as a new list (oldest first); a bare tensor is a :class:`HistoryTypeError`."""
     if history is None:
         return []
     if isinstance(history, HistoryBuffer):
         return history.get()
     if isinstance(history, torch.Tensor):
-        raise TypeError(
+        raise HistoryTypeError(
             "history must be a list of tensors (oldest first), a HistoryBuffer or None, "
             f"got a tensor of shape {tuple(history.shape)}; wrap a single state as [state]"
         )
@@ -536,13 +536,13 @@ class MHCSkip(nn.Module):
         for i, h in enumerate(states):
             if h.shape != x.shape:
                 if not self.auto_project:
-                    raise ValueError(
+                    raise HistoryShapeError(
                         f"history state {i} has shape {tuple(h.shape)} but x has shape "
                         f"{tuple(x.shape)}; MHCSkip mixes states shaped like x (pass "
                         "auto_project=True to map the feature axis with a learned linear map)"
                     )
                 if h.dim() != x.dim() or _drop(h.shape, axis) != _drop(x.shape, axis):
-                    raise ValueError(
+                    raise HistoryShapeError(
                         f"auto_project maps only the feature axis ({axis}), but history "
                         f"state {i} has shape {tuple(h.shape)} and x has shape {tuple(x.shape)}"
                     )
