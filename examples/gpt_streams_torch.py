@@ -112,7 +112,13 @@ def main(seconds: float = 60.0, steps: int = 200, log_every: int = 50, seed: int
           f"(logits up to {np.abs(flax_logits).max():.1f})")
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=flax_example["LEARNING_RATE"], weight_decay=0.01)
+    # The Flax example's optimizer: the hyper-connections' own parameters at a tenth of the rate.
+    streams = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in flax_example["STREAM_PARAMETERS"]]
+    rest = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] not in flax_example["STREAM_PARAMETERS"]]
+    optimizer = torch.optim.AdamW([
+        dict(params=rest, lr=flax_example["LEARNING_RATE"], weight_decay=0.01),
+        dict(params=streams, lr=flax_example["STREAM_LEARNING_RATE"], weight_decay=0.0),
+    ])
     monitor = mhc_torch.stream_monitor(model)
     train = data[: int(0.9 * len(data))]  # the Flax example's split
     stream = flax_example["batches"](train, model.pos.num_embeddings, flax_example["BATCH"], np.random.default_rng(seed + 2))
@@ -127,8 +133,9 @@ def main(seconds: float = 60.0, steps: int = 200, log_every: int = 50, seed: int
         losses.append(loss.item())
         if step == 1 or step % log_every == 0:
             metrics = monitor(x)
-            print(f"torch step {step:4d}  loss {loss.item():.3f}  composite h_res gain "
-                  f"{metrics['streams/blocks/composite_forward_gain']:.4f}")
+            print(f"torch step {step:4d}  loss {loss.item():.3f}  composite h_res gain forward "
+                  f"{metrics['streams/blocks/composite_forward_gain']:.4f} backward "
+                  f"{metrics['streams/blocks/composite_backward_gain']:.4f}")
     model.eval()
     with torch.no_grad():
         val_loss = F.cross_entropy(model(torch.from_numpy(val_x).long()).flatten(0, 1),
